@@ -1,0 +1,152 @@
+"""make_app(settings, redis, clock): the Tornado application, its route table and its stores."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jinja2
+import redis.asyncio as aioredis
+import tornado.web
+
+from . import events, views
+from .audit import AuditLog
+from .config import Settings
+from .handlers import account, admin, auth, public
+from .metrics import Metrics
+from .passwords import Passwords
+from .sessions import SessionStore
+from .throttle import Throttle
+from .users import UserStore
+
+access_log = logging.getLogger("sessionaudit.access")
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+
+
+class Context:
+    """What every handler shares: settings, Redis, the clock, the stores. Built once per app."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, clock: Callable[[], float]):
+        self.settings = settings
+        self.redis = redis
+        self.clock = clock
+        self.metrics = Metrics()
+        self.users = UserStore(redis, clock)
+        self.sessions = SessionStore(redis, settings.session_secret, clock, idle=settings.session_idle,
+                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack)
+        self.throttle = Throttle(redis, settings, clock)
+        self.audit = AuditLog(redis)
+        self.passwords = Passwords(settings)
+        self.jinja = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(settings.template_path),
+            autoescape=True,
+            auto_reload=settings.debug,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            undefined=jinja2.StrictUndefined if settings.debug else jinja2.Undefined,
+        )
+        self.jinja.filters.update(views.FILTERS)
+        self.jinja.globals.update(ago=views.ago, labels=events.LABELS)
+        # The signed cookie has its own expiry check; the session's lifetime is the real limit.
+        self.cookie_max_age_days = max(1, settings.session_lifetime // 86400 + 1)
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self.followers: set[Any] = set()
+        self.append_only = False
+
+    def request_done(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no request is in flight (shutdown; the caller bounds the wait)."""
+        if self.in_flight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    async def close_followers(self) -> None:
+        """End every live-follow stream (shutdown)."""
+        for follower in list(self.followers):
+            follower.stop()
+
+    def close(self) -> None:
+        self.passwords.close()
+
+
+class Application(tornado.web.Application):
+    ctx: Context
+    csp: str
+
+
+def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], float] = time.time) -> Application:
+    """A fresh application on ``redis``; tests pass their own settings and clock."""
+    if not settings.cookie_secret or not settings.session_secret:
+        raise ValueError("settings need cookie_secret and session_secret (config.load_secrets)")
+    ctx = Context(settings, redis, clock)
+    views.warm_up()
+    ref = r"([A-Za-z0-9_-]{22})"
+    routes: list[Any] = [
+        (r"/", public.HomeHandler),
+        (r"/healthz", public.HealthHandler),
+        (r"/register", auth.RegisterHandler),
+        (r"/login", auth.LoginHandler),
+        (r"/logout", auth.LogoutHandler),
+        (r"/account", account.AccountHandler),
+        (r"/account/password", account.PasswordHandler),
+        (r"/account/sessions/revoke-others", account.RevokeOthersHandler),
+        (rf"/account/sessions/{ref}/revoke", account.RevokeOwnHandler),
+        (r"/admin/?", admin.DashboardHandler),
+        (r"/admin/audit", admin.AuditHandler),
+        (r"/admin/audit\.ndjson", admin.AuditExportHandler, {"fmt": "ndjson"}),
+        (r"/admin/audit\.csv", admin.AuditExportHandler, {"fmt": "csv"}),
+        (r"/admin/sessions", admin.SessionsHandler),
+        (rf"/admin/sessions/{ref}", admin.SessionTimelineHandler),
+        (rf"/admin/sessions/{ref}/revoke", admin.AdminRevokeHandler),
+        (r"/admin/users/([0-9]+)", admin.UserTimelineHandler),
+        (r"/admin/users/([0-9]+)/revoke", admin.AdminRevokeAllHandler),
+        (r"/admin/users/([0-9]+)/(admin|disable|enable|unadmin)", admin.UserFlagHandler),
+        (r"/(favicon\.ico)", tornado.web.StaticFileHandler, {"path": settings.static_path}),
+    ]
+    app = Application(
+        routes,
+        cookie_secret=settings.cookie_secret,
+        key_version=max(settings.cookie_secret),
+        xsrf_cookies=True,
+        xsrf_cookie_kwargs={"httponly": True, "samesite": "Lax", "secure": settings.secure_cookies},
+        static_path=settings.static_path,
+        static_url_prefix="/static/",
+        login_url="/login",
+        default_handler_class=public.NotFoundHandler,
+        debug=False,
+        autoreload=False,
+        compress_response=False,
+        xheaders=settings.xheaders,
+        log_function=_log_request,
+    )
+    app.ctx = ctx
+    app.csp = CSP
+    return app
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """One access line per request, and the request metrics. No cookie, no body, no query values."""
+    ctx: Context = handler.application.ctx  # type: ignore[attr-defined]
+    status = handler.get_status()
+    seconds = handler.request.request_time()
+    route = getattr(handler, "route_name", None) or type(handler).__name__.removesuffix("Handler")
+    ctx.metrics.request(route, handler.request.method or "", status, seconds)
+    current = getattr(handler, "current", None)
+    level = logging.INFO if status < 500 else logging.ERROR
+    if status >= 500 or access_log.isEnabledFor(logging.INFO):
+        access_log.log(level, "%s %s %s %d %.1fms user=%s", getattr(handler, "request_id", "-"),
+                       handler.request.method, handler.request.path, status, seconds * 1000,
+                       current.uid if current else "-",
+                       extra={"request_id": getattr(handler, "request_id", None), "method": handler.request.method,
+                              "route": route, "path": handler.request.path, "status": status,
+                              "duration_ms": round(seconds * 1000, 2), "user": current.uid if current else None})

@@ -1,0 +1,318 @@
+"""The read side of the audit trail: pages, exports, timelines, replay and retention.
+
+A page costs one round trip whatever the size of the log: it reads the global stream, or an
+index stream (per user, per type) whose entries share the global ids, backwards from a cursor,
+and stops after ``limit`` matches or a bounded number of scanned entries. A page that stops at
+the scan bound returns its cursor, so "Older" goes on from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from . import events, keys
+from .events import Event
+
+# ARGV: source key, direction ('rev' or 'fwd'), from (exclusive cursor or open end),
+#       to (bound), want, max_scan, type filter ('' none; only for a user index), since ms, until ms
+# Returns {cursor, exhausted, id1, fields1, id2, fields2, ...}
+PAGE = r"""
+local src, dir, from, to = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local want, budget, tfilter = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local since, untl = tonumber(ARGV[8]), tonumber(ARGV[9])
+local main = src == 'audit:log'
+local cmd = 'XREVRANGE'
+if dir == 'fwd' then cmd = 'XRANGE' end
+local out = {'', 0}
+local found, scanned, cursor = 0, 0, nil
+while found < want and scanned < budget do
+  local n = math.min(math.max(want - found, 16) * 2, budget - scanned)
+  local chunk = redis.call(cmd, src, from, to, 'COUNT', n)
+  if #chunk == 0 then out[2] = 1; break end
+  for _, e in ipairs(chunk) do
+    scanned = scanned + 1
+    cursor = e[1]
+    local fields = e[2]
+    local keep = true
+    if not main then
+      if tfilter ~= '' and fields[2] ~= tfilter then
+        keep = false
+      else
+        local ev = redis.call('XRANGE', 'audit:log', e[1], e[1])
+        if #ev == 0 then keep = false else fields = ev[1][2] end
+      end
+    end
+    if keep then
+      local at = nil
+      for i = 1, #fields, 2 do if fields[i] == 'a' and fields[i + 1] ~= '' then at = tonumber(fields[i + 1]) end end
+      if not at then at = tonumber(string.match(e[1], '^(%d+)')) end
+      if at < since or at > untl then keep = false end
+    end
+    if keep then
+      out[#out + 1] = e[1]; out[#out + 1] = fields
+      found = found + 1
+      if found >= want then break end
+    end
+  end
+  from = '(' .. cursor
+  if #chunk < n and found < want then out[2] = 1; break end
+end
+out[1] = cursor or ''
+return out
+"""
+
+# Retention: remove up to ARGV[2] events older than ARGV[1] ms, with their index entries.
+# Bounded work per call; the sweeper calls it a step at a time.
+TRIM = r"""
+local cutoff, batch = ARGV[1], tonumber(ARGV[2])
+local old = redis.call('XRANGE', 'audit:log', '-', '(' .. cutoff, 'COUNT', batch)
+if #old == 0 then return 0 end
+local users, types = {}, {}
+for _, e in ipairs(old) do
+  local f = {}
+  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+  if f.s and f.s ~= '' then redis.call('HDEL', 'sa:sessev', f.s) end
+  if f.u and f.u ~= '' then users[f.u] = e[1] end
+  if f.t and f.t ~= '' then types[f.t] = e[1] end
+end
+local last = old[#old][1]
+local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+local upto = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
+for uid, _ in pairs(users) do redis.call('XTRIM', 'audit:u:' .. uid, 'MINID', upto) end
+for t, _ in pairs(types) do redis.call('XTRIM', 'audit:t:' .. t, 'MINID', upto) end
+return redis.call('XTRIM', 'audit:log', 'MINID', upto)
+"""
+
+SCAN_BUDGET = 2000  # index entries one page may look at before it returns a cursor
+# An `expired` event is recorded a moment after its deadline (its `at`); `until` looks this far
+# past its bound so such events are found. Expiries recorded later (after downtime) are not.
+UNTIL_GRACE_MS = 5000
+
+
+class BadQuery(ValueError):
+    """A filter value that cannot be used (400)."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """Filters of the audit views; parsed from query arguments by ``Query.parse``."""
+
+    user: str | None = None  # email
+    type: str | None = None
+    since: int | None = None  # ms, inclusive
+    until: int | None = None  # ms, inclusive
+    before: str | None = None  # stream id: events strictly older
+    after: str | None = None  # stream id: events strictly newer (the "Newer" link)
+    limit: int = 50
+    session: str | None = None
+
+    @classmethod
+    def parse(cls, get: Callable[[str], str | None], max_limit: int) -> Query:
+        """Build a query from request arguments; raise BadQuery with a readable message."""
+        values: dict[str, object] = {}
+        if user := (get("user") or "").strip():
+            values["user"] = user.lower()
+        if kind := (get("type") or "").strip():
+            if kind not in events.TYPES:
+                raise BadQuery(f"Unknown event type {kind!r}.")
+            values["type"] = kind
+        for name in ("since", "until"):
+            if text := (get(name) or "").strip():
+                try:
+                    values[name] = events.parse_iso(text)
+                except ValueError:
+                    raise BadQuery(f"{name} must be an ISO 8601 date or time, like 2026-11-28T16:00:00Z.") from None
+        for name in ("before", "after"):
+            if text := (get(name) or "").strip():
+                if not events.valid_id(text):
+                    raise BadQuery(f"{name} must be an event id, like 1764344150123-0.")
+                values[name] = text
+        if text := (get("limit") or "").strip():
+            if not text.isdigit() or int(text) < 1:
+                raise BadQuery("limit must be a positive whole number.")
+            values["limit"] = min(int(text), max_limit)
+        if values.get("since") is not None and values.get("until") is not None and values["since"] > values["until"]:
+            raise BadQuery("since is after until.")
+        return cls(**values)  # type: ignore[arg-type]
+
+    def args(self, **changes: object) -> dict[str, str]:
+        """The query as URL arguments (for links and exports), with some values changed."""
+        q = dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        out: dict[str, str] = {}
+        if q.user:
+            out["user"] = q.user
+        if q.type:
+            out["type"] = q.type
+        if q.since is not None:
+            out["since"] = events.iso_ms(q.since)
+        if q.until is not None:
+            out["until"] = events.iso_ms(q.until)
+        if q.before:
+            out["before"] = q.before
+        if q.after:
+            out["after"] = q.after
+        if q.limit != 50:
+            out["limit"] = str(q.limit)
+        return out
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.user or self.type or self.since is not None or self.until is not None)
+
+
+@dataclass
+class Page:
+    events: list[Event]
+    older: str | None  # cursor for the next older page, None at the end
+    newer: str | None  # cursor for the next newer page, None at the newest
+
+
+@dataclass
+class Summary:
+    """What ``audit verify`` found."""
+
+    events: int = 0
+    sessions: int = 0
+    open_sessions: int = 0
+    live_sessions: int = 0
+    by_type: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    problems: list[str] = field(default_factory=list)
+
+
+class AuditLog:
+    """Read the trail. Takes Redis in; writes happen in the scripts of the stores that change state."""
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+        self.scripts = keys.Scripts(redis, page=PAGE, trim=TRIM)
+
+    async def uid_for(self, email: str) -> str | None:
+        uid = await self.redis.hget(keys.EMAILS, email)
+        return uid.decode() if uid else None
+
+    async def _source(self, q: Query) -> tuple[str, str] | None:
+        """The stream to read and the type filter to apply to its entries, or None: nothing matches."""
+        if q.user:
+            uid = await self.uid_for(q.user)
+            if uid is None:
+                return None
+            return keys.AUDIT_USER + uid, q.type or ""
+        if q.type:
+            return keys.AUDIT_TYPE + q.type, ""
+        return keys.AUDIT, ""
+
+    async def _scan(self, src: str, tfilter: str, q: Query, direction: str, cursor: str | None,
+                    want: int) -> tuple[list[Event], str | None, bool]:
+        since = q.since if q.since is not None else 0
+        until = q.until if q.until is not None else 2**52
+        if direction == "rev":
+            start = f"({cursor}" if cursor else "+"
+            if q.until is not None and (not cursor or events.id_ms(cursor) > until + UNTIL_GRACE_MS):
+                start = str(until + UNTIL_GRACE_MS)
+            bound = str(since) if q.since is not None else "-"
+        else:
+            start = f"({cursor}" if cursor else (str(since) if q.since is not None else "-")
+            bound = str(until + UNTIL_GRACE_MS) if q.until is not None else "+"
+        out = await self.scripts.page(args=[src, direction, start, bound, want, SCAN_BUDGET, tfilter, since, until])
+        next_cursor = out[0].decode() or None
+        exhausted = bool(out[1])
+        found = [Event.from_entry(out[i], _pairs(out[i + 1])) for i in range(2, len(out), 2)]
+        return found, next_cursor, exhausted
+
+    async def page(self, q: Query) -> Page:
+        """One page, newest first: ``q.limit`` events older than ``q.before`` (or newer than ``q.after``)."""
+        source = await self._source(q)
+        if source is None:
+            return Page([], None, None)
+        src, tfilter = source
+        if q.after:
+            found, cursor, exhausted = await self._scan(src, tfilter, q, "fwd", q.after, q.limit)
+            found.reverse()
+            newer = None if exhausted else (found[0].id if found else cursor)
+            return Page(found, found[-1].id if found else q.after, newer)
+        found, cursor, exhausted = await self._scan(src, tfilter, q, "rev", q.before, q.limit)
+        newer = (found[0].id if found else q.before) if q.before else None
+        return Page(found, None if exhausted else cursor, newer)
+
+    async def iterate(self, q: Query, chunk: int = 1000) -> AsyncIterator[list[Event]]:
+        """Every matching event, newest first, a chunk per round trip (constant memory)."""
+        source = await self._source(q)
+        if source is None:
+            return
+        src, tfilter = source
+        cursor = q.before
+        while True:
+            found, cursor, exhausted = await self._scan(src, tfilter, q, "rev", cursor, chunk)
+            if found:
+                yield found
+            if exhausted or cursor is None:
+                return
+
+    async def session_events(self, ref: str) -> list[Event]:
+        """A session's timeline: its login and its end, oldest first."""
+        ids = await self.redis.hget(keys.SESSION_EVENTS, ref)
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids.decode().split():
+                pipe.xrange(keys.AUDIT, entry_id, entry_id)
+            replies = await pipe.execute()
+        return [Event.from_entry(r[0][0], r[0][1]) for r in replies if r]
+
+    async def trim_step(self, cutoff_ms: int, batch: int = 500) -> int:
+        """Remove up to ``batch`` events older than ``cutoff_ms`` (and their index entries)."""
+        return int(await self.scripts.trim(args=[cutoff_ms, batch]))
+
+    async def verify(self, chunk: int = 5000) -> Summary:
+        """Replay the whole stream and check the session invariants."""
+        summary = Summary()
+        logins: dict[str, str] = {}  # ref -> login id
+        ended: dict[str, str] = {}  # ref -> end event id
+        cursor = "-"
+        while True:
+            entries = await self.redis.xrange(keys.AUDIT, cursor, "+", count=chunk)
+            if not entries:
+                break
+            for entry_id, fields in entries:
+                ev = Event.from_entry(entry_id, fields)
+                summary.events += 1
+                summary.by_type[ev.type] += 1
+                if ev.type not in events.TYPES:
+                    summary.problems.append(f"{ev.id}: unknown type {ev.type!r}")
+                if not ev.session:
+                    continue
+                if ev.type == events.LOGIN:
+                    if ev.session in logins:
+                        summary.problems.append(f"{ev.id}: second login for session {ev.session}")
+                    logins[ev.session] = ev.id
+                elif ev.type in events.END_TYPES:
+                    if ev.session not in logins:
+                        summary.problems.append(f"{ev.id}: {ev.type} for session {ev.session} with no login before it")
+                    if ev.session in ended:
+                        summary.problems.append(f"{ev.id}: second end ({ev.type}) for session {ev.session}, "
+                                                f"first at {ended[ev.session]}")
+                    ended[ev.session] = ev.id
+            cursor = "(" + entries[-1][0].decode()
+        open_refs = {ref for ref in logins if ref not in ended}
+        live = {m.decode().split("|", 1)[0] for m in await self.redis.zrange(keys.DEADLINES, 0, -1)}
+        summary.sessions = len(logins)
+        summary.open_sessions = len(open_refs)
+        summary.live_sessions = len(live)
+        first = await self.redis.xrange(keys.AUDIT, "-", "+", count=1)
+        trimmed_before = first[0][0].decode() if first else None
+        for ref in sorted(live - open_refs):
+            if ref not in logins and trimmed_before:
+                continue  # its login was removed by retention
+            summary.problems.append(f"session {ref} is live in Redis but its story has ended or never began")
+        for ref in sorted(open_refs - live):
+            summary.problems.append(f"session {ref} has a login and no end, but is not live in Redis")
+        return summary
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}

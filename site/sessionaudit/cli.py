@@ -1,0 +1,356 @@
+"""The command line: serve (default), create-user, audit verify|trim.
+
+The only module that touches argv, the environment, stdin, signals and the process's logging.
+Precedence of option values, lowest first: default, ``--config`` file, environment, command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from . import config
+from .config import Settings
+from .redis_server import RedisServer, RedisServerError
+
+log = logging.getLogger("sessionaudit")
+
+COMMANDS = ("serve", "create-user", "audit")
+SHUTDOWN_GRACE = 10.0  # seconds to let requests in flight finish
+
+
+class UsageError(Exception):
+    """A bad option or value: printed without a traceback, exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        description="Accounts with Redis sessions and an audited session trail.",
+        epilog="Every option also reads the environment variable named in brackets; the command line wins "
+               "over the environment, the environment over --config. COOKIE_SECRET and SESSION_SECRET "
+               "are read from the environment only (else generated into --data-dir).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", nargs="?", default="serve", choices=COMMANDS,
+                        help="serve (default), create-user, or audit")
+    parser.add_argument("action", nargs="?", choices=("verify", "trim"), help="for audit: verify or trim")
+    for f in config.cli_fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r}) [{config.env_name(f.name)}]"
+        if f.metadata.get("flag"):
+            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+    parser.add_argument("--email", help="for create-user: the account's email")
+    parser.add_argument("--admin", action="store_true", help="for create-user: make the account an admin")
+    return parser
+
+
+def resolve_settings(ns: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    """Defaults < config file < environment < command line; raise UsageError on a bad value."""
+    fields = {f.name: f for f in config.cli_fields()}
+    config_file = ns.config or environ.get("CONFIG", "")
+    values: dict[str, Any] = {}
+    try:
+        if config_file:
+            values.update(config.read_config_file(config_file))
+        for name, f in fields.items():
+            env = environ.get(config.env_name(name))
+            if env is not None and env != "":
+                values[name] = config.convert(f, env)
+            given = getattr(ns, name, None)
+            if given is not None:
+                values[name] = config.convert(f, given)
+        settings = Settings(**values)
+        settings.validate()
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    return settings
+
+
+# -- logging --------------------------------------------------------------------------
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and the access fields when present."""
+
+    EXTRA = ("request_id", "method", "route", "path", "status", "duration_ms", "user")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in self.EXTRA:
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    # Tornado's own access log duplicates ours (and would print query strings): keep its warnings only.
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+# -- Redis ----------------------------------------------------------------------------
+
+def redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
+    """A client that gives up fast when Redis is down (pages answer 503) and reconnects by itself."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
+        health_check_interval=30,
+        **kwargs,
+    )
+
+
+def start_embedded(settings: Settings) -> tuple[str, RedisServer | None]:
+    if settings.redis_url:
+        return settings.redis_url, None
+    server = RedisServer.embedded(settings.data_dir)
+    try:
+        server.start()
+    except RedisServerError as e:
+        raise UsageError(f"cannot start the embedded Redis: {e}") from None
+    return server.url, server
+
+
+async def check_redis(client: aioredis.Redis) -> list[str]:
+    """Warnings about a Redis that would lose sessions or audit entries."""
+    warnings: list[str] = []
+    try:
+        policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
+        aof = (await client.config_get("appendonly")).get("appendonly")
+        save = (await client.config_get("save")).get("save")
+    except redis.exceptions.ResponseError:  # CONFIG not allowed for this user
+        info = await client.info("persistence")
+        policy = (await client.info("memory")).get("maxmemory_policy")
+        aof = "yes" if info.get("aof_enabled") else "no"
+        save = "unknown"
+    if policy and policy != "noeviction":
+        warnings.append(f"Redis maxmemory-policy is {policy!r}, not 'noeviction': when memory runs out Redis "
+                        "will silently drop sessions and audit entries. Set maxmemory-policy noeviction.")
+    if aof != "yes" and not save:
+        warnings.append("Redis persistence is off (no AOF, no RDB snapshots): a Redis restart loses every "
+                        "account, session and audit entry. Set appendonly yes.")
+    return warnings
+
+
+# -- serve ----------------------------------------------------------------------------
+
+async def serve(settings: Settings, url: str) -> None:
+    import tornado.httpserver
+
+    from .app import make_app
+    from .sweeper import Sweeper
+
+    client = redis_client(url)
+    try:
+        for warning in await check_redis(client):
+            log.warning(warning)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        log.warning("Redis at %s is not answering yet (%s); pages answer 503 until it does", _safe_url(url), e)
+    app = make_app(settings, client)
+    ctx = app.ctx
+    server = tornado.httpserver.HTTPServer(app, xheaders=settings.xheaders, max_body_size=1024 * 1024,
+                                          idle_connection_timeout=60, body_timeout=30)
+    try:
+        server.listen(settings.port, settings.address)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {settings.address}:{settings.port}: {e.strerror}") from None
+    sweeper = Sweeper(ctx.sessions, ctx.audit, ctx.clock, interval=settings.sweep_interval,
+                      retention_days=settings.audit_retention_days, on_run=ctx.metrics.sweep)
+    sweeper.start()
+    metrics_server = None
+    if settings.metrics_port:
+        from .handlers.metrics import start_metrics_server
+        metrics_server = start_metrics_server(ctx, settings.metrics_address, settings.metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving on http://%s:%d/ (Redis %s)", settings.address, settings.port, _safe_url(url))
+    await stop.wait()
+    log.info("shutting down: no new connections, finishing %d request(s) in flight", ctx.in_flight)
+    server.stop()
+    if metrics_server:
+        metrics_server.stop()
+    await ctx.close_followers()
+    try:
+        await asyncio.wait_for(ctx.drained(), SHUTDOWN_GRACE)
+    except TimeoutError:
+        log.warning("%d request(s) still in flight after %.0f s", ctx.in_flight, SHUTDOWN_GRACE)
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 2)
+    except TimeoutError:
+        log.warning("closing connections that did not finish in time")
+    await sweeper.stop()
+    ctx.close()
+    await client.aclose()
+    log.info("stopped")
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# -- create-user ------------------------------------------------------------------------
+
+def read_password(stdin: Any) -> str:
+    if stdin.isatty():
+        first = getpass.getpass("Password: ")
+        second = getpass.getpass("Password again: ")
+        if first != second:
+            raise UsageError("the two passwords do not match")
+        return first
+    line = stdin.readline()
+    return line.rstrip("\r\n")
+
+
+async def create_user(settings: Settings, url: str, email_raw: str, admin: bool, password: str) -> str:
+    from .passwords import Passwords
+    from .users import InvalidEmail, UserStore, normalize_email
+
+    try:
+        email = normalize_email(email_raw)
+    except InvalidEmail as e:
+        raise UsageError(f"invalid email: {e}") from None
+    client = redis_client(url)
+    passwords = Passwords(settings)
+    try:
+        users = UserStore(client, time.time)
+        if await users.get_by_email(email):
+            raise UsageError(f"an account with {email} already exists")
+        problem, password_hash = await passwords.check_and_hash(password, email)
+        if problem or not password_hash:
+            raise UsageError(f"weak password: {problem}")
+        uid = await users.create(email, password_hash, admin=admin, ip="", user_agent="create-user")
+        if uid is None:
+            raise UsageError(f"an account with {email} already exists")
+        return uid
+    finally:
+        passwords.close()
+        await client.aclose()
+
+
+# -- audit ----------------------------------------------------------------------------
+
+async def audit_command(url: str, action: str, settings: Settings) -> int:
+    from .audit import AuditLog
+
+    client = redis_client(url)
+    try:
+        audit = AuditLog(client)
+        if action == "verify":
+            summary = await audit.verify()
+            print(f"events: {summary.events}")
+            for kind, count in sorted(summary.by_type.items()):
+                print(f"  {kind}: {count}")
+            print(f"sessions: {summary.sessions} logged in, {summary.open_sessions} not ended, "
+                  f"{summary.live_sessions} live in Redis")
+            if summary.problems:
+                print(f"{len(summary.problems)} problem(s):")
+                for problem in summary.problems[:100]:
+                    print(f"  {problem}")
+                return 1
+            print("ok: every session has one login and at most one end, after it; live sessions match")
+            return 0
+        if settings.audit_retention_days <= 0:
+            print("audit_retention_days is 0: nothing to trim")
+            return 0
+        cutoff = int(time.time() * 1000) - settings.audit_retention_days * 86_400_000
+        total = 0
+        while True:
+            removed = await audit.trim_step(cutoff)
+            total += removed
+            if removed == 0:
+                break
+            await asyncio.sleep(0.01)  # let other clients in between steps
+        print(f"trimmed {total} event(s) older than {settings.audit_retention_days} days")
+        return 0
+    finally:
+        await client.aclose()
+
+
+# -- main -----------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    environ = dict(os.environ if environ is None else environ)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        settings = resolve_settings(ns, environ)
+        setup_logging(settings)
+        if ns.command == "audit" and not ns.action:
+            raise UsageError("audit needs an action: verify or trim")
+        if ns.command == "create-user" and not ns.email:
+            raise UsageError("create-user needs --email")
+        settings = config.load_secrets(settings) if ns.command == "serve" else settings
+        return _run(ns, settings)
+    except UsageError as e:
+        print(f"server.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run(ns: argparse.Namespace, settings: Settings) -> int:
+    url, embedded = start_embedded(settings)
+    try:
+        if ns.command == "serve":
+            _event_loop_policy()
+            asyncio.run(serve(settings, url))
+            return 0
+        if ns.command == "create-user":
+            password = read_password(sys.stdin)
+            uid = asyncio.run(create_user(settings, url, ns.email, ns.admin, password))
+            print(f"created user {uid} ({'admin' if ns.admin else 'not admin'})")
+            return 0
+        return asyncio.run(audit_command(url, ns.action, settings))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        raise UsageError(f"cannot reach Redis at {_safe_url(url)}: {e}") from None
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def _event_loop_policy() -> None:
+    """uvloop when installed: a faster event loop under the same asyncio API."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+

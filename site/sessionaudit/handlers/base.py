@@ -1,0 +1,264 @@
+"""BaseHandler: the session of each request, Jinja2 pages, plain error pages, security headers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import secrets
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.exceptions
+import tornado.httputil
+import tornado.web
+from markupsafe import Markup
+
+from ..passwords import HasherBusy
+from ..sessions import Current
+
+log = logging.getLogger("sessionaudit.web")
+security_log = logging.getLogger("sessionaudit.security")
+
+COOKIE = "sid"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+FORM_LIMIT = 64 * 1024  # bytes of a form body; more gets 413
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+ERROR_TEXT = {
+    400: ("Bad request", "The request could not be understood."),
+    403: ("Forbidden", "You do not have access to this page, or the form had expired. Go back, reload and try again."),
+    404: ("Page not found", "There is no page at this address."),
+    405: ("Method not allowed", "This page does not accept that kind of request."),
+    413: ("Too large", "What you sent is larger than this site accepts."),
+    429: ("Too many attempts", "Too many attempts. Wait a little and try again."),
+    500: ("Something went wrong", "An error on our side stopped this page. It has been logged."),
+    503: ("Temporarily unavailable", "The site cannot reach its data store right now. Try again in a moment."),
+}
+
+H = TypeVar("H", bound="BaseHandler")
+
+
+def form(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Decorate every POST method: parse the (streamed, size-limited) form body, then check XSRF.
+
+    Bodies are streamed so that an oversized one gets a real 413 page before it is read;
+    Tornado's own check runs before the body arrives, so it is done here instead.
+    """
+    @functools.wraps(method)
+    async def wrapper(self: BaseHandler, *args: Any, **kwargs: Any) -> None:
+        if self._body_size > FORM_LIMIT:
+            raise tornado.web.HTTPError(413)
+        body = b"".join(self._chunks)
+        self.request.body = body
+        tornado.httputil.parse_body_arguments(
+            self.request.headers.get("Content-Type", ""), body, self.request.body_arguments,
+            self.request.files, self.request.headers)
+        for name, values in self.request.body_arguments.items():
+            self.request.arguments.setdefault(name, []).extend(values)
+        self._body_ready = True
+        self.check_xsrf_cookie()
+        await method(self, *args, **kwargs)
+    return wrapper
+
+
+@tornado.web.stream_request_body
+class BaseHandler(tornado.web.RequestHandler):
+    """Every page handler. ``prepare`` loads the session once (one Redis round trip)."""
+
+    # Set on handlers whose page lists the user's sessions: the same round trip fetches them.
+    with_sessions = False
+
+    def initialize(self) -> None:
+        self.ctx = self.application.ctx
+        self._chunks: list[bytes] = []
+        self._body_size = 0
+        self._body_ready = False
+        self.session_id: str | None = None
+        self.current: Current | None = None
+        self.started = time.perf_counter()
+        self.ctx.in_flight += 1
+
+    # -- request life cycle -------------------------------------------------------------
+
+    def set_default_headers(self) -> None:
+        if not hasattr(self, "request_id"):  # clear() before an error page calls this again
+            incoming = self.request.headers.get("X-Request-Id", "") if self.application.settings.get("xheaders") else ""
+            self.request_id = incoming if REQUEST_ID.fullmatch(incoming) else secrets.token_hex(8)
+        self.set_header("X-Request-Id", self.request_id)
+        self.set_header("Content-Security-Policy", self.application.csp)
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "same-origin")
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Cache-Control", "no-store")
+
+    def compute_etag(self) -> None:
+        return None  # pages are never cached (no-store): hashing each body would be wasted work
+
+    def check_xsrf_cookie(self) -> None:
+        # Tornado calls this before prepare(), when a streamed body has not arrived; the
+        # @form decorator calls it again once the body is parsed.
+        if self._body_ready:
+            try:
+                super().check_xsrf_cookie()
+            except tornado.web.HTTPError:
+                security_log.warning("CSRF check failed for %s %s", self.request.method, self.request.path)
+                raise
+
+    async def prepare(self) -> None:
+        """Reject oversized bodies at once, then resolve the session (missing or bad: anonymous)."""
+        length = self.request.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > FORM_LIMIT):
+            raise tornado.web.HTTPError(413 if length.isdigit() else 400)
+        self.session_id = self._session_id_from_cookie()
+        if self.session_id:
+            self.current = await self.ctx.sessions.load(self.ctx.sessions.ref(self.session_id),
+                                                        with_sessions=self.with_sessions)
+            if self.current is None:
+                self.clear_session_cookie()
+        self.current_user = self.current
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size <= FORM_LIMIT:
+            self._chunks.append(chunk)
+
+    def on_finish(self) -> None:
+        self.ctx.request_done()
+
+    def _session_id_from_cookie(self) -> str | None:
+        raw = self.get_cookie(COOKIE)
+        if not raw:
+            return None
+        value = self.get_signed_cookie(COOKIE, value=raw, min_version=2,
+                                       max_age_days=self.ctx.cookie_max_age_days)
+        if value is None:
+            security_log.warning("forged or stale session cookie from %s", self.request.remote_ip)
+            return None
+        try:
+            session_id = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return session_id if 32 <= len(session_id) <= 64 else None
+
+    # -- session cookie -----------------------------------------------------------------
+
+    def set_session_cookie(self, session_id: str) -> None:
+        self.set_signed_cookie(COOKIE, session_id, expires_days=None, version=2, httponly=True,
+                               samesite="Lax", secure=self.ctx.settings.secure_cookies, path="/")
+
+    def clear_session_cookie(self) -> None:
+        self.clear_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=self.ctx.settings.secure_cookies)
+
+    def renew_xsrf(self) -> None:
+        """A new XSRF token after login and logout: the old one dies with the old session."""
+        self.clear_cookie("_xsrf", path="/")
+        if hasattr(self, "_xsrf_token"):
+            del self._xsrf_token
+
+    # -- helpers ---------------------------------------------------------------------
+
+    @property
+    def client_ip(self) -> str:
+        return self.request.remote_ip or ""
+
+    @property
+    def user_agent(self) -> str:
+        return self.request.headers.get("User-Agent", "")[:512]
+
+    def redirect_to_next(self, default: str = "/account") -> None:
+        self.redirect(safe_next(self.get_argument("next", ""), default), status=303)
+
+    def get_login_url(self) -> str:
+        return "/login"
+
+    def now_ms(self) -> int:
+        return int(self.ctx.clock() * 1000)
+
+    # -- rendering ---------------------------------------------------------------------
+
+    def render_string(self, template_name: str, **kwargs: Any) -> bytes:
+        template = self.ctx.jinja.get_template(template_name)
+        namespace = self.get_template_namespace()
+        namespace.update(kwargs)
+        return template.render(**namespace).encode()
+
+    def get_template_namespace(self) -> dict[str, Any]:
+        return {
+            "handler": self,
+            "request": self.request,
+            "current": self.current,
+            "static_url": self.static_url,
+            "xsrf_form_html": lambda: Markup(self.xsrf_form_html()),  # noqa: S704 (Tornado escapes the token)
+            "now_ms": self.now_ms(),
+        }
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, REDIS_DOWN):
+            status_code = 503
+            self.set_status(503)
+            self.set_header("Retry-After", "5")
+        elif isinstance(exc, HasherBusy):
+            status_code = 503
+            self.set_status(503)
+            self.set_header("Retry-After", "2")
+        title, text = ERROR_TEXT.get(status_code, (self._reason, "The request could not be completed."))
+        if isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code in (400, 403, 429):
+            text = exc.log_message if status_code == 400 else text
+        trace = None
+        if self.ctx.settings.debug and kwargs.get("exc_info"):
+            import traceback
+            trace = "".join(traceback.format_exception(*kwargs["exc_info"]))
+        self.clear_header("Content-Disposition")
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        try:
+            self.finish(self.render_string("error.html", status=status_code, title=title, text=text, trace=trace))
+        except Exception:
+            log.exception("error page failed")
+            self.finish(f"<!doctype html><title>{status_code}</title><h1>{status_code} {title}</h1>")
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, REDIS_DOWN):
+            log.warning("Redis unavailable during %s %s: %s", self.request.method, self.request.path, value)
+        elif isinstance(value, HasherBusy):
+            log.warning("password hashing queue full; answered 503")
+        else:
+            super().log_exception(typ, value, tb)
+
+
+def safe_next(target: str, default: str = "/account") -> str:
+    """``target`` when it is a path on this site, else ``default`` (no open redirect)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return default
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme or parts.netloc or any(ord(c) < 32 for c in target):
+        return default
+    return target
+
+
+def authenticated(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Anonymous: GET/HEAD redirect to the login page with ``next``, anything else 403."""
+    @functools.wraps(method)
+    async def wrapper(self: BaseHandler, *args: Any, **kwargs: Any) -> None:
+        if not self.current:
+            if self.request.method in ("GET", "HEAD"):
+                next_url = urllib.parse.quote(self.request.uri or "/", safe="")
+                self.redirect(f"/login?next={next_url}")
+                return
+            raise tornado.web.HTTPError(403)
+        await method(self, *args, **kwargs)
+    return wrapper
+
+
+def admin(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Like ``authenticated``, and a logged-in non-admin gets 403."""
+    @functools.wraps(method)
+    @authenticated
+    async def wrapper(self: BaseHandler, *args: Any, **kwargs: Any) -> None:
+        if not self.current or not self.current.admin:
+            raise tornado.web.HTTPError(403)
+        await method(self, *args, **kwargs)
+    return wrapper

@@ -1,0 +1,32 @@
+"""Home, health check, favicon, and the 404 page for unknown addresses."""
+
+from __future__ import annotations
+
+import tornado.web
+
+from .base import REDIS_DOWN, BaseHandler
+
+
+class HomeHandler(BaseHandler):
+    def get(self) -> None:
+        self.render("home.html")
+
+
+class HealthHandler(tornado.web.RequestHandler):
+    """200 `ok` when Redis answers PING, else 503. No session, no template: cheap for probes."""
+
+    async def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        try:
+            await self.application.ctx.redis.ping()
+        except REDIS_DOWN:
+            self.set_status(503)
+            self.finish("redis unavailable\n")
+            return
+        self.finish("ok")
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:  # type: ignore[override]
+        raise tornado.web.HTTPError(404)

@@ -1,0 +1,114 @@
+"""Redis key names, and the Lua prelude with which every state-changing script writes its event.
+
+State lives under ``sa:``; the audit trail and its indexes under ``audit:``, so a Redis ACL can
+give the site's user append-only access to the trail (see docs/redis-acl.md).
+
+Scripts take no KEYS: they build key names from these prefixes, which lets one script touch
+state and audit keys under two ACL selectors. Every script takes ``now`` (ms) as an argument,
+never ``redis.call('TIME')``, so tests drive the clock. Redis does not roll back a script that
+fails half-way, so each script checks first, appends its event(s) next (the write most likely to
+fail, on a full or mis-typed stream), and only then changes state.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+AUDIT = "audit:log"  # the stream: source of truth
+AUDIT_USER = "audit:u:"  # + uid: stream of ids of that user's events, field t = type
+AUDIT_TYPE = "audit:t:"  # + type: stream of ids of events of that type
+SESSION_EVENTS = "sa:sessev"  # hash: session ref -> space-separated event ids
+LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
+USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
+USER_NEXT = "sa:user:next"
+EMAILS = "sa:emails"  # hash: normalized email -> uid
+SESSION = "sa:s:"  # + ref: hash u, e, c, l, d, x, m, i, g
+DEADLINES = "sa:deadlines"  # zset: "ref|uid|created|lifetime deadline" scored by deadline (ms)
+USER_SESSIONS = "sa:us:"  # + uid: set of live session refs
+STATS_HOUR = "sa:st:h:"  # + hour number: hash type -> count
+STATS_DAY = "sa:st:d:"  # + day number: hash type -> count
+FAIL_IPS = "sa:st:fip:"  # + hour number: zset ip -> failures
+FAIL_ACCOUNT = "sa:f:a:"  # + email: hash n (failures), t (last failure ms)
+FAIL_ADDRESS = "sa:f:i:"  # + ip
+REF_KEY = "sa:meta:"  # + name: small site-wide values
+
+# Lua shared by every writing script. ``emit(now, fields)`` appends one event, its index
+# entries and its counters, and returns its id. Field order is fixed and missing values are
+# written empty: entries with the master entry's fields are stored packed, values only.
+LUA_PRELUDE = r"""
+local FIELDS = {'v', 't', 'a', 'u', 'e', 's', 'i', 'g', 'r', 'c'}
+
+local function next_id(now)
+  local last = redis.call('GET', 'sa:audit:lastid')
+  local ms, seq = now, 0
+  if last then
+    local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
+    lms = tonumber(lms)
+    if now <= lms then ms = lms; seq = tonumber(lseq) + 1 end
+  end
+  return string.format('%.0f-%.0f', ms, seq), ms
+end
+
+-- ev: table with keys t, a, u, e, s, i, g, r, c (strings or numbers; nil for absent).
+local function emit(now, ev)
+  local id, ms = next_id(now)
+  local at = tonumber(ev.a) or now
+  if at == ms then ev.a = nil else ev.a = string.format('%.0f', at) end
+  ev.v = '1'
+  local args = {'XADD', 'audit:log', id}
+  for _, f in ipairs(FIELDS) do
+    args[#args + 1] = f
+    args[#args + 1] = ev[f] or ''
+  end
+  redis.call(unpack(args))
+  redis.call('SET', 'sa:audit:lastid', id)
+  redis.call('XADD', 'audit:t:' .. ev.t, id, 'u', ev.u or '')
+  if ev.u and ev.u ~= '' then
+    redis.call('XADD', 'audit:u:' .. ev.u, id, 't', ev.t)
+  end
+  if ev.s and ev.s ~= '' then
+    local prev = redis.call('HGET', 'sa:sessev', ev.s)
+    redis.call('HSET', 'sa:sessev', ev.s, prev and (prev .. ' ' .. id) or id)
+  end
+  local hour = math.floor(at / 3600000)
+  local day = math.floor(at / 86400000)
+  local hkey = 'sa:st:h:' .. string.format('%.0f', hour)
+  local dkey = 'sa:st:d:' .. string.format('%.0f', day)
+  redis.call('HINCRBY', hkey, ev.t, 1)
+  redis.call('EXPIRE', hkey, 3 * 86400)
+  redis.call('HINCRBY', dkey, ev.t, 1)
+  redis.call('EXPIRE', dkey, 400 * 86400)
+  if ev.t == 'login_failed' and ev.i and ev.i ~= '' then
+    local fkey = 'sa:st:fip:' .. string.format('%.0f', hour)
+    redis.call('ZINCRBY', fkey, 1, ev.i)
+    redis.call('EXPIRE', fkey, 2 * 86400)
+  end
+  return id
+end
+
+-- End a session's state (not its event): the caller has emitted the event already.
+local function drop_session(ref, uid, member)
+  redis.call('DEL', 'sa:s:' .. ref)
+  redis.call('ZREM', 'sa:deadlines', member)
+  redis.call('SREM', 'sa:us:' .. uid, ref)
+end
+
+-- Claim a session whose deadline has passed: `expired` at the deadline, reason idle/lifetime.
+local function expire_member(now, member, deadline)
+  local ref, uid, created, lifetime_dl = string.match(member, '^([^|]+)|([^|]*)|(%d+)|(%d+)$')
+  local reason = 'idle'
+  if deadline >= tonumber(lifetime_dl) then reason = 'lifetime' end
+  local email = redis.call('HGET', 'sa:user:' .. uid, 'email') or ''
+  emit(now, {t = 'expired', a = deadline, u = uid, e = email, s = ref, r = reason})
+  drop_session(ref, uid, member)
+  return ref
+end
+"""
+
+
+class Scripts:
+    """Registers Lua scripts once per client; each is called as ``await scripts.name(args=[...])``."""
+
+    def __init__(self, redis: aioredis.Redis, **sources: str):
+        for name, body in sources.items():
+            setattr(self, name, redis.register_script(LUA_PRELUDE + body))

@@ -1,0 +1,57 @@
+"""Prometheus metrics of one process. Cheap on the hot path: in-memory counters, no Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Every metric of the site, in a registry of its own (one per app: tests build many)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("sessionaudit_http_requests", "HTTP requests by route and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("sessionaudit_http_request_duration_seconds", "Request latency by route",
+                                 ["route"], registry=r,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.logins = Counter("sessionaudit_logins", "Login attempts by result (ok, failed, throttled)",
+                              ["result"], registry=r)
+        self.live_sessions = Gauge("sessionaudit_live_sessions", "Live sessions (from the deadline index)",
+                                   registry=r)
+        self.events = Counter("sessionaudit_audit_events", "Audit events appended by this process, by type",
+                              ["type"], registry=r)
+        self.sweeper_lag = Gauge("sessionaudit_sweeper_lag_seconds",
+                                 "Now minus the oldest deadline still due at the last sweep", registry=r)
+        self.expired = Counter("sessionaudit_sweeper_expired", "Sessions recorded as expired by the sweeper",
+                               registry=r)
+        self.sweeps = Counter("sessionaudit_sweeper_runs", "Sweeper runs", registry=r)
+        self.redis_errors = Counter("sessionaudit_redis_errors", "Requests that failed because Redis was down",
+                                    registry=r)
+        self.hash_queue = Gauge("sessionaudit_argon2_queue", "Password hashes waiting or running", registry=r)
+        self.hash_seconds = Histogram("sessionaudit_argon2_seconds", "Time of one argon2 hash or verify",
+                                      registry=r, buckets=(.01, .025, .05, .1, .2, .4, .8, 1.6))
+        self.followers = Gauge("sessionaudit_live_followers", "Admins following the audit trail", registry=r)
+
+    def login(self, result: str) -> None:
+        self.logins.labels(result).inc()
+
+    def event(self, kind: str, n: int = 1) -> None:
+        self.events.labels(kind).inc(n)
+
+    def sweep(self, expired: int, lag_ms: int) -> None:
+        self.sweeps.inc()
+        if expired:
+            self.expired.inc(expired)
+            self.event("expired", expired)
+        self.sweeper_lag.set(lag_ms / 1000)
+
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def collect(self, **gauges: Any) -> None:
+        for name, value in gauges.items():
+            getattr(self, name).set(value)

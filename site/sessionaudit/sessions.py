@@ -1,0 +1,324 @@
+"""Sessions in Redis: create at login, load-and-refresh in one round trip, end, and expire exactly once.
+
+The cookie carries a random 256-bit session id. Redis never sees it: every key, index entry and
+audit event names the session by its *ref*, an HMAC of the id under the session secret, which
+cannot be turned back into the id.
+
+A session is a hash ``sa:s:<ref>`` with a TTL a little past its deadline (a backstop only), an
+entry in the deadline index ``sa:deadlines`` (scored by deadline, and carrying what the
+`expired` event needs once the hash is gone), and a member of its user's set ``sa:us:<uid>``.
+Deadlines are enforced by the scripts against the ``now`` they are given, never by the TTL.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from . import events, keys
+
+# ARGV: now, ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email
+# Returns the user's email, or false when the account is gone or disabled.
+LOGIN = r"""
+local now, ref, uid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local idle, lifetime, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ip, ua, old_ref = ARGV[7], ARGV[8], ARGV[9]
+local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
+if not user[1] or user[2] == '1' then return false end
+local email = user[1]
+local old = nil
+if old_ref ~= '' then
+  old = redis.call('HMGET', 'sa:s:' .. old_ref, 'u', 'd', 'm')
+  if not old[1] then old = nil end
+end
+-- Events first: the browser's previous session ends, then the new one begins.
+if old then
+  local odl = tonumber(old[2])
+  if now >= odl then
+    expire_member(now, old[3], odl)
+  else
+    local oemail = redis.call('HGET', 'sa:user:' .. old[1], 'email') or ''
+    emit(now, {t = 'logout', u = old[1], e = oemail, s = old_ref, i = ip, g = ua})
+    drop_session(old_ref, old[1], old[3])
+  end
+end
+emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua})
+local lifetime_dl = now + lifetime
+local deadline = math.min(now + idle, lifetime_dl)
+local member = ref .. '|' .. uid .. '|' .. ARGV[1] .. '|' .. string.format('%.0f', lifetime_dl)
+local key = 'sa:s:' .. ref
+redis.call('HSET', key, 'u', uid, 'e', email, 'c', ARGV[1], 'l', ARGV[1], 'd', string.format('%.0f', deadline),
+           'x', string.format('%.0f', lifetime_dl), 'm', member, 'i', ip, 'g', ua)
+redis.call('PEXPIRE', key, deadline - now + slack)
+redis.call('ZADD', 'sa:deadlines', deadline, member)
+redis.call('SADD', 'sa:us:' .. uid, ref)
+if ARGV[10] ~= '' and user[3] == ARGV[11] then
+  redis.call('HSET', 'sa:user:' .. uid, 'hash', ARGV[10])
+end
+redis.call('DEL', 'sa:f:a:' .. ARGV[12])
+return email
+"""
+
+# The hot path: one round trip per authenticated request.
+# ARGV: now, ref, idle_ms, slack_ms, with_sessions ('1' or '0')
+# Returns false (no such session, or it just expired and was recorded), or
+# {uid, email, admin, created, last, ip, ua, [ref, created, last, ip, ua]...}
+TOUCH = r"""
+local now, ref, idle, slack = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local key = 'sa:s:' .. ref
+local s = redis.call('HMGET', key, 'u', 'c', 'l', 'd', 'x', 'm', 'i', 'g')
+if not s[1] then return false end
+local deadline = tonumber(s[4])
+if now >= deadline then
+  expire_member(now, s[6], deadline)
+  return false
+end
+local uid = s[1]
+local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'admin', 'disabled')
+if not user[1] or user[3] == '1' then return false end
+local new_deadline = math.min(now + idle, tonumber(s[5]))
+redis.call('HSET', key, 'l', ARGV[1], 'd', string.format('%.0f', new_deadline))
+redis.call('PEXPIRE', key, new_deadline - now + slack)
+redis.call('ZADD', 'sa:deadlines', new_deadline, s[6])
+local out = {uid, user[1], user[2], s[2], ARGV[1], s[7], s[8]}
+if ARGV[5] == '1' then
+  for _, other in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
+    local o = redis.call('HMGET', 'sa:s:' .. other, 'c', 'l', 'i', 'g', 'd')
+    if o[1] and tonumber(o[5]) > now then
+      out[#out + 1] = other; out[#out + 1] = o[1]; out[#out + 1] = o[2]
+      out[#out + 1] = o[3]; out[#out + 1] = o[4]
+    end
+  end
+end
+return out
+"""
+
+# End one session with an event of type ARGV[3] (logout or revoked).
+# ARGV: now, ref, type, reason, actor, ip, ua, owner uid ('' = anyone's)
+# Returns 'ended', 'expired' (its deadline had passed: recorded as expired instead) or false.
+END = r"""
+local now, ref = tonumber(ARGV[1]), ARGV[2]
+local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'e', 'd', 'm')
+if not s[1] or (ARGV[8] ~= '' and s[1] ~= ARGV[8]) then return false end
+local deadline = tonumber(s[3])
+if now >= deadline then
+  expire_member(now, s[4], deadline)
+  return 'expired'
+end
+local email = redis.call('HGET', 'sa:user:' .. s[1], 'email') or s[2]
+emit(now, {t = ARGV[3], u = s[1], e = email, s = ref, r = ARGV[4], c = ARGV[5], i = ARGV[6], g = ARGV[7]})
+drop_session(ref, s[1], s[4])
+return 'ended'
+"""
+
+# End every session of a user but one: revoked with a reason. Optionally also set a user field
+# (password hash, disabled flag) in the same script, so the change and the endings are one.
+# ARGV: now, uid, reason, actor, ip, ua, keep_ref, field, value
+# Returns the number of sessions ended (expired ones are recorded as expired, not counted).
+END_ALL = r"""
+local now, uid = tonumber(ARGV[1]), ARGV[2]
+local email = redis.call('HGET', 'sa:user:' .. uid, 'email')
+if not email then return -1 end
+local ended = 0
+for _, ref in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
+  if ref ~= ARGV[7] then
+    local s = redis.call('HMGET', 'sa:s:' .. ref, 'd', 'm')
+    if not s[1] then
+      redis.call('SREM', 'sa:us:' .. uid, ref)
+    elseif now >= tonumber(s[1]) then
+      expire_member(now, s[2], tonumber(s[1]))
+    else
+      emit(now, {t = 'revoked', u = uid, e = email, s = ref, r = ARGV[3], c = ARGV[4], i = ARGV[5], g = ARGV[6]})
+      drop_session(ref, uid, s[2])
+      ended = ended + 1
+    end
+  end
+end
+if ARGV[8] ~= '' then redis.call('HSET', 'sa:user:' .. uid, ARGV[8], ARGV[9]) end
+return ended
+"""
+
+# Give the current session a new ref (after a password change) without ending it: the
+# session's story goes on under the new ref, which the old cookie no longer reaches.
+# Not used for login, where the old session ends with its own event.
+
+# Claim up to ARGV[2] sessions whose deadline is at or before ARGV[1]. Safe with any number of
+# processes: the script re-reads the index, so each entry is claimed (and recorded) once.
+EXPIRE_DUE = r"""
+local now, batch = tonumber(ARGV[1]), tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', 'sa:deadlines', '-inf', now, 'WITHSCORES', 'LIMIT', 0, batch)
+local lag = 0
+for i = 1, #due, 2 do
+  local deadline = tonumber(due[i + 1])
+  if now - deadline > lag then lag = now - deadline end
+  expire_member(now, due[i], deadline)
+end
+return {#due / 2, lag}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """A live session as a page shows it."""
+
+    ref: str
+    created: int  # ms
+    last_seen: int  # ms
+    ip: str
+    user_agent: str
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """The session of this request and its user, from one round trip."""
+
+    ref: str
+    uid: str
+    email: str
+    admin: bool
+    created: int
+    last_seen: int
+    ip: str
+    user_agent: str
+    sessions: tuple[SessionView, ...] = ()
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class SessionStore:
+    """Create, load, end and expire sessions. Takes Redis, the session secret and a clock in."""
+
+    def __init__(self, redis: aioredis.Redis, secret: bytes, clock: Callable[[], float], *,
+                 idle: int, lifetime: int, slack: int = 60):
+        self.redis = redis
+        self.secret = secret
+        self.clock = clock
+        self.idle_ms = idle * 1000  # seconds → ms
+        self.lifetime_ms = lifetime * 1000
+        self.slack_ms = slack * 1000
+        self.scripts = keys.Scripts(redis, login=LOGIN, touch=TOUCH, end=END, end_all=END_ALL,
+                                    expire_due=EXPIRE_DUE)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    @staticmethod
+    def new_id() -> str:
+        """A fresh session id: 256 random bits."""
+        return secrets.token_urlsafe(32)
+
+    def ref(self, session_id: str) -> str:
+        """The name of a session everywhere but the cookie: HMAC-SHA256 of the id, 128 bits."""
+        digest = hmac.new(self.secret, session_id.encode(), hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    async def create(self, uid: str, email_key: str, *, ip: str, user_agent: str, old_ref: str = "",
+                     new_hash: str = "", old_hash: str = "") -> tuple[str, str] | None:
+        """Log in: a new session (its `login` event), ending the browser's previous one.
+
+        Also stores ``new_hash`` when the password was rehashed (only if the stored hash is still
+        ``old_hash``) and clears the account's failed-login counter. Returns (session id, ref), or
+        None when the account was removed or disabled meanwhile.
+        """
+        session_id = self.new_id()
+        ref = self.ref(session_id)
+        email = await self.scripts.login(args=[
+            self.now_ms(), ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent,
+            old_ref, new_hash, old_hash, email_key])
+        return (session_id, ref) if email else None
+
+    async def load(self, ref: str, *, with_sessions: bool = False) -> Current | None:
+        """The session and its user, refreshed (sliding idle deadline); None when it has ended."""
+        out = await self.scripts.touch(args=[self.now_ms(), ref, self.idle_ms, self.slack_ms,
+                                             "1" if with_sessions else "0"])
+        if not out:
+            return None
+        values = [_text(v) for v in out]
+        others = tuple(
+            SessionView(ref=values[i], created=int(values[i + 1]), last_seen=int(values[i + 2]),
+                        ip=values[i + 3], user_agent=values[i + 4])
+            for i in range(7, len(values), 5))
+        return Current(ref=ref, uid=values[0], email=values[1], admin=values[2] == "1", created=int(values[3]),
+                       last_seen=int(values[4]), ip=values[5], user_agent=values[6],
+                       sessions=tuple(sorted(others, key=lambda s: -s.last_seen)))
+
+    async def end(self, ref: str, kind: str = events.LOGOUT, *, reason: str = "", actor: str = "",
+                  ip: str = "", user_agent: str = "", owner: str = "") -> str | None:
+        """End one session (logout or revoked); 'ended', 'expired' or None if it was not live.
+
+        With ``owner`` set, only a session of that user is ended.
+        """
+        result = await self.scripts.end(args=[self.now_ms(), ref, kind, reason, actor, ip, user_agent, owner])
+        return _text(result) or None
+
+    async def end_all(self, uid: str, reason: str, *, actor: str = "", ip: str = "", user_agent: str = "",
+                      keep: str = "", set_field: str = "", set_value: str = "") -> int:
+        """Revoke every session of ``uid`` except ``keep``; optionally set a user field in the same step.
+
+        Returns how many were revoked, or -1 when there is no such user.
+        """
+        return int(await self.scripts.end_all(args=[
+            self.now_ms(), uid, reason, actor, ip, user_agent, keep, set_field, set_value]))
+
+    async def expire_due(self, now_ms: int | None = None, batch: int = 500) -> tuple[int, int]:
+        """Record `expired` for sessions whose deadline has passed: (how many, worst lag in ms)."""
+        now_ms = self.now_ms() if now_ms is None else now_ms
+        total, worst = 0, 0
+        while True:
+            count, lag = await self.scripts.expire_due(args=[now_ms, batch])
+            total += int(count)
+            worst = max(worst, int(lag))
+            if int(count) < batch:
+                return total, worst
+
+    async def live_count(self) -> int:
+        return await self.redis.zcard(keys.DEADLINES)
+
+    async def oldest_deadline(self) -> int | None:
+        first = await self.redis.zrange(keys.DEADLINES, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSession:
+    """A live session as the admin list shows it."""
+
+    ref: str
+    uid: str
+    email: str
+    created: int
+    last_seen: int
+    deadline: int
+    ip: str
+    user_agent: str
+
+
+async def list_live(redis: aioredis.Redis, *, uid: str | None = None, offset: int = 0,
+                    limit: int = 50) -> tuple[list[LiveSession], bool]:
+    """Live sessions, latest deadline (so latest activity) first: (page, whether more follow)."""
+    if uid is not None:
+        refs = sorted(r.decode() for r in await redis.smembers(keys.USER_SESSIONS + uid))
+    else:
+        members = await redis.zrevrange(keys.DEADLINES, offset, offset + limit)
+        refs = [m.decode().split("|", 1)[0] for m in members]
+    async with redis.pipeline(transaction=False) as pipe:
+        for ref in refs:
+            pipe.hmget(keys.SESSION + ref, "u", "e", "c", "l", "d", "i", "g")
+        rows = await pipe.execute()
+    found = [LiveSession(ref, *(_text(v) for v in row[:2]), int(row[2]), int(row[3]), int(row[4]),  # type: ignore[arg-type]
+                         _text(row[5]), _text(row[6]))
+             for ref, row in zip(refs, rows, strict=True) if row[0] is not None]
+    found.sort(key=lambda s: -s.deadline)
+    if uid is not None:
+        return found[offset:offset + limit], len(found) > offset + limit
+    return found[:limit], len(refs) > limit

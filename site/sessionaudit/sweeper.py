@@ -1,0 +1,88 @@
+"""Background work on the IOLoop: record expired sessions every second, trim old audit events.
+
+Safe with any number of processes on one Redis: each claim is a script that re-checks the
+deadline, so a session is recorded as expired exactly once. While Redis is down a run fails
+quietly (one warning, then one line when it is back) and the next tick tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import redis.exceptions
+
+from .audit import AuditLog
+from .sessions import SessionStore
+
+log = logging.getLogger("sessionaudit.sweeper")
+
+TRIM_EVERY = 60  # ticks between retention steps
+TRIM_STEPS = 10  # steps (of 500 events) per retention run: bounded work, Redis never blocked long
+
+
+class Sweeper:
+    """Run ``run_once`` every ``interval`` seconds until ``stop``."""
+
+    def __init__(self, sessions: SessionStore, audit: AuditLog, clock: Callable[[], float], *,
+                 interval: float = 1.0, retention_days: int = 365, trim: bool = True,
+                 on_run: Callable[[int, int], None] | None = None):
+        self.sessions = sessions
+        self.audit = audit
+        self.clock = clock
+        self.interval = interval
+        self.retention_ms = retention_days * 86_400_000
+        self.trim = trim and retention_days > 0
+        self.on_run = on_run  # metrics hook: (expired, lag ms)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._ticks = 0
+        self._failing = False
+        self.runs = 0
+
+    async def run_once(self) -> int:
+        """Record every due expiry (and now and then a retention step); return how many expired."""
+        now = int(self.clock() * 1000)
+        expired, lag = await self.sessions.expire_due(now)
+        if self.on_run:
+            self.on_run(expired, lag)
+        if self.trim and self._ticks % TRIM_EVERY == 0:
+            for _ in range(TRIM_STEPS):
+                if await self.audit.trim_step(now - self.retention_ms) == 0:
+                    break
+        self._ticks += 1
+        self.runs += 1
+        return expired
+
+    def start(self) -> None:
+        """Start the loop; its first run catches up with whatever expired while no server ran."""
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task:
+            await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.run_once()
+                if self._failing:
+                    log.warning("sweeper: Redis is reachable again")
+                    self._failing = False
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                if not self._failing:
+                    log.warning("sweeper: Redis unreachable (%s); retrying every %.1f s", e, self.interval)
+                    self._failing = True
+            except redis.exceptions.NoPermissionError:
+                log.warning("sweeper: no permission to trim the audit trail: retention is left to "
+                            "`server.py audit trim` (append-only mode)")
+                self.trim = False
+            except Exception:
+                log.exception("sweeper: run failed")
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+            except TimeoutError:
+                pass
