@@ -76,10 +76,12 @@ class Event:
                 return None
             return value.decode() if isinstance(value, bytes) else str(value)
 
+        ident = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        at = text("a")  # written only when it differs from the id's time (an expiry's deadline)
         return cls(
-            id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+            id=ident,
             type=text("t") or "",
-            at=int(text("a") or 0),
+            at=int(at) if at else id_ms(ident),
             user=text("e"),
             uid=text("u"),
             session=text("s"),

@@ -1,0 +1,141 @@
+"""Session lifetime: idle and absolute limits, sliding refresh, one round trip, TTL backstop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from conftest import Browser, read_events
+from sessionaudit import keys
+from sessionaudit.app import make_app
+
+pytestmark = pytest.mark.gen_test
+
+
+async def test_idle_timeout_ends_session_with_expired_event(browser: Browser, clock, settings, rdb) -> None:
+    await browser.register("idle@example.com")
+    login = (await read_events(rdb))[-1]
+    clock.advance(settings.session_idle - 1)
+    assert (await browser.get("/account")).code == 200  # refreshed: deadline moves
+    clock.advance(settings.session_idle - 1)
+    assert (await browser.get("/account")).code == 200
+    last_request_ms = int(clock.now * 1000)
+    clock.advance(settings.session_idle + 5)
+    r = await browser.get("/account")
+    assert r.code == 302 and r.headers["Location"].startswith("/login")
+    ended = [e for e in await read_events(rdb) if e.type == "expired"]
+    assert len(ended) == 1
+    assert ended[0].reason == "idle" and ended[0].session == login.session
+    # `at` is the deadline (the last request plus the idle limit), not when it was noticed.
+    assert ended[0].at == last_request_ms + settings.session_idle * 1000
+    assert ended[0].user == "idle@example.com" and ended[0].ip is None
+
+
+async def test_lifetime_ends_session_even_when_active(browser: Browser, clock, settings, rdb) -> None:
+    await browser.register("life@example.com")
+    login = (await read_events(rdb))[-1]
+    step = settings.session_idle - 10
+    while clock.now + step < login.at / 1000 + settings.session_lifetime:
+        clock.advance(step)
+        assert (await browser.get("/account")).code == 200
+    clock.advance(step)
+    assert (await browser.get("/account")).code == 302
+    ended = [e for e in await read_events(rdb) if e.type == "expired"]
+    assert [(e.reason, e.at) for e in ended] == [("lifetime", login.at + settings.session_lifetime * 1000)]
+
+
+async def test_refresh_just_before_deadline_wins(browser: Browser, clock, settings, app, rdb) -> None:
+    await browser.register("edge@example.com")
+    clock.advance(settings.session_idle - 0.001)  # one millisecond before the deadline
+    assert (await browser.get("/account")).code == 200
+    clock.advance(0.002)  # past the old deadline, well inside the new one
+    assert await app.ctx.sessions.expire_due() == (0, 0)
+    assert (await browser.get("/account")).code == 200
+    assert not [e for e in await read_events(rdb) if e.type == "expired"]
+
+
+async def test_at_the_deadline_is_expired(browser: Browser, clock, settings, rdb) -> None:
+    await browser.register("exact@example.com")
+    clock.advance(settings.session_idle)
+    assert (await browser.get("/account")).code == 302
+
+
+async def test_redis_ttl_is_a_backstop_close_to_the_deadline(browser: Browser, clock, settings, rdb) -> None:
+    await browser.register("ttl@example.com")
+    key = (await rdb.keys(keys.SESSION + "*"))[0]
+    ttl = await rdb.pttl(key)
+    assert settings.session_idle * 1000 < ttl <= (settings.session_idle + settings.session_ttl_slack) * 1000
+    clock.advance(100)
+    await browser.get("/account")
+    # Near the lifetime limit the TTL follows the lifetime deadline, not the idle one.
+    ttl = await rdb.pttl(key)
+    assert ttl <= (settings.session_idle + settings.session_ttl_slack) * 1000
+
+
+async def test_authenticated_page_costs_one_round_trip(browser: Browser, settings, clock, redis_url) -> None:
+    """Counted two ways: requests sent by the client, and EVALSHA calls seen by Redis."""
+    sent = 0
+
+    class CountingConnection(aioredis.Connection):
+        async def send_packed_command(self, command, check_health=True):  # type: ignore[override]
+            nonlocal sent
+            sent += 1
+            return await super().send_packed_command(command, check_health)
+
+    pool = aioredis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    counted = aioredis.Redis(connection_pool=pool)
+    app = make_app(settings, counted, clock)
+    # A second server on the counted client, beside the fixture app.
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+    sock, port = bind_unused_port()
+    server = HTTPServer(app)
+    server.add_socket(sock)
+    try:
+        b = Browser(browser.client, f"http://127.0.0.1:{port}")
+        await b.register("rt@example.com")
+        await b.get("/account")  # scripts loaded, connection warm
+        info = await counted.info("commandstats")
+        before_sent, before_eval = sent, info.get("cmdstat_evalsha", {}).get("calls", 0)
+        for _ in range(10):
+            assert (await b.get("/account")).code == 200
+        info = await counted.info("commandstats")
+        assert sent - before_sent - 1 == 10  # minus the INFO itself
+        assert info["cmdstat_evalsha"]["calls"] - before_eval == 10
+        anonymous = Browser(browser.client, f"http://127.0.0.1:{port}")
+        before_sent = sent
+        for path in ("/", "/login", "/register"):
+            assert (await anonymous.get(path)).code == 200
+        assert sent == before_sent  # anonymous pages: no Redis at all
+    finally:
+        server.stop()
+        app.ctx.close()
+        await counted.aclose()
+        await pool.aclose()
+
+
+async def test_concurrent_requests_do_not_undo_each_other(browser: Browser, new_browser, clock, rdb) -> None:
+    """Refreshes and a logout racing: the logout always wins, nothing resurrects the session."""
+    await browser.register("race2@example.com")
+    cookie = browser.cookies["sid"]
+    others = []
+    for _ in range(5):
+        b = new_browser()
+        b.cookies["sid"] = cookie
+        others.append(b)
+    await asyncio.gather(browser.logout(), *(b.get("/account") for b in others))
+    assert await rdb.zcard(keys.DEADLINES) == 0
+    assert await rdb.keys(keys.SESSION + "*") == []
+    for b in others:
+        assert (await b.get("/account")).code == 302
+    ends = [e for e in await read_events(rdb) if e.type in ("logout", "expired", "revoked")]
+    assert len(ends) == 1
+
+
+async def test_disabled_user_cookie_is_anonymous(browser: Browser, rdb) -> None:
+    await browser.register("dis@example.com")
+    uid = (await rdb.hget(keys.EMAILS, "dis@example.com")).decode()
+    await rdb.hset(keys.USER + uid, "disabled", "1")
+    assert (await browser.get("/account")).code == 302
