@@ -115,15 +115,15 @@ class RedisServer:
 
     def ping(self) -> bool:
         """True when the server answers PING (plain socket, no client library)."""
+        if self.url.startswith("unix://"):
+            family, address = socket.AF_UNIX, self.url[len("unix://"):]
+        else:
+            host, port = self.url.split("//", 1)[1].split("/")[0].split(":")
+            family, address = socket.AF_INET, (host, int(port))  # type: ignore[assignment]
         try:
-            if self.url.startswith("unix://"):
-                s = socket.socket(socket.AF_UNIX)
+            with socket.socket(family) as s:
                 s.settimeout(0.5)
-                s.connect(self.url[len("unix://"):])
-            else:
-                host, port = self.url.split("//", 1)[1].split("/")[0].split(":")
-                s = socket.create_connection((host, int(port)), timeout=0.5)
-            with s:
+                s.connect(address)
                 s.sendall(b"PING\r\n")
                 return s.recv(64).startswith(b"+PONG")
         except OSError:

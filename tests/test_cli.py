@@ -1,0 +1,170 @@
+"""The real command line: `python server.py` as a subprocess, embedded Redis, create-user, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORD, ROOT
+from sessionaudit.redis_server import free_port
+
+SERVER = str(ROOT / "server.py")
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "COOKIE_SECRET", "SESSION_SECRET")}
+    base.update({"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST": "1024", "ARGON2_PARALLELISM": "1"})
+    base.update(extra)
+    return base
+
+
+def run(*args: str, stdin: str = "", **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, SERVER, *args], input=stdin, capture_output=True, text=True,
+                          env=env(**extra), timeout=60)
+
+
+def wait_until(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def redis_pid(data_dir: Path) -> int | None:
+    try:
+        return int((data_dir / "redis" / "redis.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Site:
+    def __init__(self, data_dir: Path, *args: str, **extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir / f"site-{self.port}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, SERVER, f"--port={self.port}", f"--data-dir={data_dir}",
+                                          *args], env=env(**extra), stdout=out, stderr=subprocess.STDOUT)
+        if not wait_until(lambda: status(self.url + "/healthz") == 200 or self.proc.poll() is not None):
+            self.proc.kill()
+        assert status(self.url + "/healthz") == 200, self.output()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=20)
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        return self.log.read_text()
+
+
+def test_create_user_and_serve_on_the_embedded_redis(tmp_path: Path) -> None:
+    made = run("create-user", "--email=Admin@Example.com", "--admin", f"--data-dir={tmp_path}", stdin=PASSWORD + "\n")
+    assert made.returncode == 0, made.stderr
+    assert "created user 1" in made.stdout
+    taken = run("create-user", "--email=admin@example.com", f"--data-dir={tmp_path}", stdin=PASSWORD + "\n")
+    assert taken.returncode != 0 and "already exists" in taken.stderr
+    weak = run("create-user", "--email=other@example.com", f"--data-dir={tmp_path}", stdin="password123\n")
+    assert weak.returncode != 0 and "weak password" in weak.stderr
+    aof = tmp_path / "redis"
+    assert (aof / "appendonly.aof").exists() or (aof / "appendonlydir").is_dir()  # Redis 6 / Redis 7
+
+    site = Site(tmp_path)
+    sock = tmp_path / "redis" / "redis.sock"
+    assert sock.exists()
+    pid = redis_pid(tmp_path)
+    assert pid and alive(pid)
+    # The account persisted (AOF) across the two Redis starts: logging in works.
+    import http.cookiejar
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(site.url + "/login").read()
+    xsrf = next(c.value for c in jar if c.name == "_xsrf")
+    body = urllib.parse.urlencode({"email": "admin@example.com", "password": PASSWORD, "_xsrf": xsrf}).encode()
+    page = opener.open(site.url + "/login", data=body)
+    assert page.geturl().endswith("/account") and b"admin@example.com" in page.read()
+
+    assert site.stop(signal.SIGTERM) == 0
+    assert wait_until(lambda: not alive(pid))
+    assert "stopped" in site.output()
+
+
+def test_crashed_site_leaves_no_orphan_redis(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    pid = redis_pid(tmp_path)
+    assert pid and alive(pid)
+    site.stop(signal.SIGKILL)  # no chance to clean up
+    assert wait_until(lambda: not alive(pid)), "redis-server outlived the site"
+    again = Site(tmp_path)  # and the next start works
+    assert again.stop(signal.SIGINT) == 0
+
+
+def test_two_sites_on_one_data_dir_are_refused(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    try:
+        second = subprocess.run([sys.executable, SERVER, f"--port={free_port()}", f"--data-dir={tmp_path}"],
+                                env=env(), capture_output=True, text=True, timeout=30)
+        assert second.returncode == 2
+        assert "in use by another running site" in second.stderr
+    finally:
+        site.stop()
+
+
+def test_redis_url_from_environment(tmp_path: Path, redis_url: str) -> None:
+    made = run("create-user", "--email=env@example.com", stdin=PASSWORD + "\n", REDIS_URL=redis_url)
+    assert made.returncode == 0, made.stderr
+    verify = run("audit", "verify", f"--redis-url={redis_url}")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "register: 1" in verify.stdout
+
+
+def test_help_lists_every_option_with_default_and_environment() -> None:
+    out = run("--help").stdout
+    for option, env_name in (("--redis-url", "REDIS_URL"), ("--session-idle", "SESSION_IDLE"),
+                             ("--session-lifetime", "SESSION_LIFETIME"), ("--xheaders", "XHEADERS"),
+                             ("--audit-retention-days", "AUDIT_RETENTION_DAYS"), ("--config", "CONFIG")):
+        assert option in out and f"[{env_name}]" in out
+    assert "default: 1800" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--session-idle=soon"], "session_idle"),
+    (["--port=99999"], "port"),
+    (["--log-format=xml"], "log_format"),
+    (["--no-such-option"], "unrecognized arguments"),
+])
+def test_bad_options_stop_with_a_clear_message(args: list[str], message: str) -> None:
+    r = run(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
