@@ -38,7 +38,7 @@ class Sweeper:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._ticks = 0
-        self._failing = False
+        self.failing = False
         self.runs = 0
 
     async def run_once(self) -> int:
@@ -69,13 +69,13 @@ class Sweeper:
         while not self._stopping.is_set():
             try:
                 await self.run_once()
-                if self._failing:
+                if self.failing:
                     log.warning("sweeper: Redis is reachable again")
-                    self._failing = False
+                    self.failing = False
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-                if not self._failing:
+                if not self.failing:
                     log.warning("sweeper: Redis unreachable (%s); retrying every %.1f s", e, self.interval)
-                    self._failing = True
+                    self.failing = True
             except redis.exceptions.NoPermissionError:
                 log.warning("sweeper: no permission to trim the audit trail: retention is left to "
                             "`server.py audit trim` (append-only mode)")
