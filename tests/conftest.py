@@ -90,9 +90,10 @@ def rdb(redis_url: str, io_loop: Any) -> Any:
 
 
 @pytest.fixture
-def app(settings: Settings, rdb: aioredis.Redis, clock: FakeClock) -> Any:
+def app(settings: Settings, rdb: aioredis.Redis, clock: FakeClock, io_loop: Any) -> Any:
     application = make_app(settings, rdb, clock)
     yield application
+    io_loop.run_sync(application.ctx.close_followers)
     application.ctx.close()
 
 
@@ -118,7 +119,7 @@ class Browser:
             jar = http.cookies.SimpleCookie()
             jar.load(line)
             for name, morsel in jar.items():
-                if morsel["expires"] and "1970" in morsel["expires"] or morsel["max-age"] == "0" or not morsel.value:
+                if (morsel["expires"] and "1970" in morsel["expires"]) or morsel["max-age"] == "0" or not morsel.value:
                     self.cookies.pop(name, None)
                 else:
                     self.cookies[name] = morsel.value

@@ -251,7 +251,7 @@ async def test_user_and_session_timelines(browser: Browser, new_browser, rdb, cl
     await browser.register("t@example.com")
     clock.advance(125)
     await browser.logout()
-    login = [e for e in await read_events(rdb) if e.type == "login" and e.user == "t@example.com"][0]
+    login = next(e for e in await read_events(rdb) if e.type == "login" and e.user == "t@example.com")
     page = await admin.get(f"/admin/sessions/{login.session}")
     assert page.code == 200
     assert b"Signed in" in page.body and b"Signed out" in page.body and b"2 min 5 s" in page.body
@@ -268,7 +268,7 @@ async def test_verify_passes_then_catches_planted_violations(browser: Browser, r
     audit: AuditLog = app.ctx.audit
     ok = await audit.verify()
     assert ok.problems == [] and ok.sessions == 2 and ok.open_sessions == 1 and ok.live_sessions == 1
-    ended = [e for e in await read_events(rdb) if e.type == "logout"][0]
+    ended = next(e for e in await read_events(rdb) if e.type == "logout")
     # A second end for an ended session, written behind the site's back.
     await rdb.xadd(keys.AUDIT, {"v": "1", "t": "expired", "a": "", "u": "1", "e": "v@example.com",
                                 "s": ended.session, "i": "", "g": "", "r": "idle", "c": ""})

@@ -16,9 +16,11 @@ from . import events, views
 from .audit import AuditLog
 from .config import Settings
 from .handlers import account, admin, auth, public
+from .live import LiveHub
 from .metrics import Metrics
 from .passwords import Passwords
 from .sessions import SessionStore
+from .stats import Stats
 from .throttle import Throttle
 from .users import UserStore
 
@@ -41,6 +43,8 @@ class Context:
                                      lifetime=settings.session_lifetime, slack=settings.session_ttl_slack)
         self.throttle = Throttle(redis, settings, clock)
         self.audit = AuditLog(redis)
+        self.stats = Stats(redis, clock)
+        self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set)
         self.passwords = Passwords(settings)
         self.jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(settings.template_path),
@@ -56,7 +60,6 @@ class Context:
         self.cookie_max_age_days = max(1, settings.session_lifetime // 86400 + 1)
         self.in_flight = 0
         self._idle: asyncio.Event | None = None
-        self.followers: set[Any] = set()
         self.append_only = False
 
     def request_done(self) -> None:
@@ -71,9 +74,8 @@ class Context:
             await self._idle.wait()
 
     async def close_followers(self) -> None:
-        """End every live-follow stream (shutdown)."""
-        for follower in list(self.followers):
-            follower.stop()
+        """End every live-follow stream and stop the stream reader (shutdown)."""
+        await self.live.close()
 
     def close(self) -> None:
         self.passwords.close()
@@ -105,6 +107,7 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
         (r"/admin/audit", admin.AuditHandler),
         (r"/admin/audit\.ndjson", admin.AuditExportHandler, {"fmt": "ndjson"}),
         (r"/admin/audit\.csv", admin.AuditExportHandler, {"fmt": "csv"}),
+        (r"/admin/audit/live", admin.AuditLiveHandler),
         (r"/admin/sessions", admin.SessionsHandler),
         (rf"/admin/sessions/{ref}", admin.SessionTimelineHandler),
         (rf"/admin/sessions/{ref}/revoke", admin.AdminRevokeHandler),

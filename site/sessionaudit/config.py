@@ -61,6 +61,7 @@ class Settings:
     template_path: str = field(default=str(ROOT / "templates"), metadata={"cli": False})
     static_path: str = field(default=str(ROOT / "static"), metadata={"cli": False})
     session_ttl_slack: int = field(default=60, metadata={"cli": False})  # seconds a key outlives its deadline
+    live_heartbeat: float = field(default=15.0, metadata={"cli": False})  # seconds between SSE comments
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for a value that cannot work."""

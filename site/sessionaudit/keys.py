@@ -28,6 +28,7 @@ USER_SESSIONS = "sa:us:"  # + uid: set of live session refs
 STATS_HOUR = "sa:st:h:"  # + hour number: hash type -> count
 STATS_DAY = "sa:st:d:"  # + day number: hash type -> count
 FAIL_IPS = "sa:st:fip:"  # + hour number: zset ip -> failures
+FAIL_MINUTE = "sa:st:fm:"  # + minute number: failed logins in that minute
 FAIL_ACCOUNT = "sa:f:a:"  # + email: hash n (failures), t (last failure ms)
 FAIL_ADDRESS = "sa:f:i:"  # + ip
 REF_KEY = "sa:meta:"  # + name: small site-wide values
@@ -78,10 +79,15 @@ local function emit(now, ev)
   redis.call('EXPIRE', hkey, 3 * 86400)
   redis.call('HINCRBY', dkey, ev.t, 1)
   redis.call('EXPIRE', dkey, 400 * 86400)
-  if ev.t == 'login_failed' and ev.i and ev.i ~= '' then
-    local fkey = 'sa:st:fip:' .. string.format('%.0f', hour)
-    redis.call('ZINCRBY', fkey, 1, ev.i)
-    redis.call('EXPIRE', fkey, 2 * 86400)
+  if ev.t == 'login_failed' then
+    local mkey = 'sa:st:fm:' .. string.format('%.0f', math.floor(at / 60000))
+    redis.call('INCR', mkey)
+    redis.call('EXPIRE', mkey, 7200)
+    if ev.i and ev.i ~= '' then
+      local fkey = 'sa:st:fip:' .. string.format('%.0f', hour)
+      redis.call('ZINCRBY', fkey, 1, ev.i)
+      redis.call('EXPIRE', fkey, 2 * 86400)
+    end
   end
   return id
 end

@@ -66,3 +66,77 @@ def warm_up() -> None:
 
 
 FILTERS = {"utc": utc, "duration": duration, "ua": ua_summary, "iso": iso_ms}
+
+
+# -- charts (server-side SVG) -------------------------------------------------------------
+
+SERIES_STYLE = {  # colour, dash pattern (so the lines differ without colour too), label
+    "login": ("#1a7f37", "", "Sign-ins"),
+    "login_failed": ("#cf222e", "6 3", "Failed sign-ins"),
+    "expired": ("#9a6700", "2 3", "Expiries"),
+    "revoked": ("#8250df", "10 3 2 3", "Revocations"),
+}
+
+
+def nice_max(value: int) -> int:
+    """A round axis maximum at or above ``value``: 1, 2, 5, 10, 20, 50, ..."""
+    step = 1
+    while True:
+        for m in (1, 2, 5):
+            if value <= step * m:
+                return step * m
+        step *= 10
+
+
+def line_chart(starts: list[int], counts: dict[str, list[int]], unit: str, width: int = 720,
+               height: int = 240) -> dict[str, object]:
+    """Geometry for an SVG line chart of several series over equal buckets."""
+    left, right, top, bottom = 44, 12, 12, 30
+    plot_w, plot_h = width - left - right, height - top - bottom
+    peak = nice_max(max([1, *(max(v) for v in counts.values())]))
+    n = len(starts)
+
+    def x(i: int) -> float:
+        return left + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
+
+    def y(v: int) -> float:
+        return top + plot_h - plot_h * v / peak
+
+    lines = []
+    for name, values in counts.items():
+        colour, dash, label = SERIES_STYLE[name]
+        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
+        lines.append({"name": name, "colour": colour, "dash": dash, "label": label, "points": points,
+                      "total": sum(values)})
+    every = 6 if unit == "hour" else 5
+    ticks = []
+    for i, start in enumerate(starts):
+        if (n - 1 - i) % every == 0:
+            moment = dt.datetime.fromtimestamp(start / 1000, dt.UTC)
+            ticks.append({"x": x(i), "label": moment.strftime("%H:00" if unit == "hour" else "%d %b")})
+    grid = [{"y": y(peak * k // 4), "label": peak * k // 4} for k in range(5)]
+    return {"width": width, "height": height, "lines": lines, "ticks": ticks, "grid": grid, "left": left,
+            "right": width - right, "bottom": top + plot_h}
+
+
+def session_spans(events: list, now_ms: int, limit: int = 15) -> dict[str, object]:
+    """Bars for a user's sessions (login to end, or to now while live) from their newest events."""
+    ends = {e.session: e for e in events if e.type in ("logout", "expired", "revoked") and e.session}
+    spans = []
+    for e in events:
+        if e.type == "login" and e.session:
+            end = ends.get(e.session)
+            spans.append({"ref": e.session, "start": e.at, "end": end.at if end else now_ms,
+                          "how": end.type if end else "live", "ua": e.user_agent, "ip": e.ip})
+    spans = sorted(spans, key=lambda s: -s["start"])[:limit]
+    if not spans:
+        return {"bars": [], "height": 0}
+    lo, hi = min(s["start"] for s in spans), max(max(s["end"] for s in spans), now_ms)
+    span = max(hi - lo, 1)
+    width, left, row = 720, 8, 22
+    bars = []
+    for i, s in enumerate(spans):
+        x0 = left + (width - 2 * left) * (s["start"] - lo) / span
+        x1 = left + (width - 2 * left) * (s["end"] - lo) / span
+        bars.append({**s, "x": x0, "w": max(x1 - x0, 3), "y": 6 + i * row, "duration": duration(s["end"] - s["start"])})
+    return {"bars": bars, "width": width, "height": 12 + len(spans) * row, "from": lo, "to": hi}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -9,8 +10,9 @@ import json
 import tornado.iostream
 import tornado.web
 
-from .. import events
+from .. import events, views
 from ..audit import BadQuery, Query
+from ..live import Follower, replay
 from ..sessions import list_live
 from .base import BaseHandler, admin, form
 
@@ -26,9 +28,18 @@ class AdminHandler(BaseHandler):
 
 
 class DashboardHandler(AdminHandler):
+    """Live sessions, today's logins, recent failures, the trend over a day and a month."""
+
     @admin
     async def get(self) -> None:
-        self.redirect("/admin/audit")
+        overview = await self.ctx.stats.overview()
+        newest = await self.ctx.audit.page(Query(limit=10))
+        charts = {
+            "hours": views.line_chart(overview.hours.starts, overview.hours.counts, "hour"),
+            "days": views.line_chart(overview.days.starts, overview.days.counts, "day"),
+        }
+        self.render("admin_dashboard.html", o=overview, newest=newest.events, charts=charts,
+                    series=views.SERIES_STYLE)
 
 
 class AuditHandler(AdminHandler):
@@ -85,6 +96,72 @@ def _csv_safe(value: object) -> str:
     return text
 
 
+class AuditLiveHandler(AdminHandler):
+    """Server-Sent Events: each new matching event as `id:` and `data:` lines; resumes by Last-Event-ID."""
+
+    follower: Follower | None = None
+
+    @admin
+    async def get(self) -> None:
+        q = self.query()
+        hub = self.ctx.live
+        if hub.full():
+            self.set_header("Retry-After", "10")
+            raise tornado.web.HTTPError(503, "Too many followers")
+        resume = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_id", "")
+        if resume and not events.valid_id(resume):
+            raise tornado.web.HTTPError(400, "Last-Event-ID must be an event id.")
+        self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
+        self.set_header("X-Accel-Buffering", "no")  # nginx: pass each message on at once
+        self.follower = follower = await hub.attach(q)
+        try:
+            snapshot = hub.last_id  # events after it reach the queue; up to it, the replay sends them
+            last = resume or None
+            self.write("retry: 2000\n: following the audit trail\n\n")
+            if resume:
+                async for event in replay(self.ctx.redis, resume, q, snapshot):
+                    self.write(_sse(event))
+                    last = event.id
+            await self.flush()
+            heartbeat = self.ctx.settings.live_heartbeat
+            ended = False
+            while not ended:
+                try:
+                    batch = [await asyncio.wait_for(follower.queue.get(), heartbeat)]
+                except TimeoutError:
+                    self.write(": heartbeat\n\n")
+                    await self.flush()
+                    continue
+                while not follower.queue.empty():  # everything queued goes out in one flush
+                    batch.append(follower.queue.get_nowait())
+                for event in batch:
+                    if event is None:  # shutdown, a closed tab, or too slow (the browser resumes by id)
+                        ended = True
+                        break
+                    if last is None or _id_key(event.id) > _id_key(last):
+                        self.write(_sse(event))
+                        last = event.id
+                await self.flush()
+            self.finish()
+        except tornado.iostream.StreamClosedError:
+            pass
+        finally:
+            hub.detach(follower)
+
+    def on_connection_close(self) -> None:
+        if self.follower:
+            self.follower.stop()
+
+
+def _sse(event: events.Event) -> str:
+    return f"id: {event.id}\ndata: {json.dumps(event.to_json(), ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class SessionTimelineHandler(AdminHandler):
     @admin
     async def get(self, ref: str) -> None:
@@ -106,7 +183,13 @@ class UserTimelineHandler(AdminHandler):
         page = await self.ctx.audit.page(Query(user=user.email, type=q.type, before=q.before, after=q.after,
                                                limit=q.limit))
         live, _ = await list_live(self.ctx.redis, uid=uid, limit=1000)
-        self.render("admin_user.html", user=user, q=q, page=page, live=live, types=events.TYPES)
+        recent = page.events if not (q.before or q.after) else []
+        if not recent:
+            recent = (await self.ctx.audit.page(Query(user=user.email, limit=200))).events
+        elif len(recent) < 200 and page.older:
+            recent = (await self.ctx.audit.page(Query(user=user.email, limit=200))).events
+        spans = views.session_spans(recent, self.now_ms())
+        self.render("admin_user.html", user=user, q=q, page=page, live=live, types=events.TYPES, spans=spans)
 
 
 class SessionsHandler(AdminHandler):

@@ -21,7 +21,7 @@ class MetricsHandler(tornado.web.RequestHandler):
     async def get(self) -> None:
         ctx = self.ctx
         ctx.metrics.hash_queue.set(ctx.passwords.waiting)
-        ctx.metrics.followers.set(len(ctx.followers))
+        ctx.metrics.followers.set(len(ctx.live.followers))
         try:
             ctx.metrics.live_sessions.set(await ctx.sessions.live_count())
         except Exception:  # Redis down: the counter says so; the scrape still answers
