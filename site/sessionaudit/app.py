@@ -38,14 +38,15 @@ class Context:
         self.redis = redis
         self.clock = clock
         self.metrics = Metrics()
-        self.users = UserStore(redis, clock)
+        count = self.metrics.event
+        self.users = UserStore(redis, clock, count)
         self.sessions = SessionStore(redis, settings.session_secret, clock, idle=settings.session_idle,
-                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack)
-        self.throttle = Throttle(redis, settings, clock)
+                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count)
+        self.throttle = Throttle(redis, settings, clock, count)
         self.audit = AuditLog(redis)
         self.stats = Stats(redis, clock)
         self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set)
-        self.passwords = Passwords(settings)
+        self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
         self.jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(settings.template_path),
             autoescape=True,

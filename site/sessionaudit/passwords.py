@@ -33,8 +33,9 @@ class HasherBusy(Exception):
 class Passwords:
     """argon2id hash and verify, always off the IOLoop thread."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_hash: Callable[[float], None] | None = None):
         self.settings = settings
+        self.on_hash = on_hash  # metrics: seconds of each hash or verify (called from the pool's threads)
         self.hasher = argon2.PasswordHasher(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_cost,
@@ -63,7 +64,12 @@ class Passwords:
         try:
             return fn(*args)
         finally:
-            self.last_hash_seconds = time.perf_counter() - start
+            self._took(time.perf_counter() - start)
+
+    def _took(self, seconds: float) -> None:
+        self.last_hash_seconds = seconds
+        if self.on_hash:
+            self.on_hash(seconds)
 
     async def hash(self, password: str) -> str:
         return await self._run(self._timed, self.hasher.hash, password)
@@ -89,7 +95,7 @@ class Passwords:
                 return True, self.hasher.hash(password)
             return True, None
         finally:
-            self.last_hash_seconds = time.perf_counter() - start
+            self._took(time.perf_counter() - start)
 
     async def check_and_hash(self, password: str, email: str) -> tuple[str | None, str | None]:
         """Check a new password, then hash it, in one trip to the pool: (error, hash)."""

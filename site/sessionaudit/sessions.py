@@ -199,8 +199,9 @@ class SessionStore:
     """Create, load, end and expire sessions. Takes Redis, the session secret and a clock in."""
 
     def __init__(self, redis: aioredis.Redis, secret: bytes, clock: Callable[[], float], *,
-                 idle: int, lifetime: int, slack: int = 60):
+                 idle: int, lifetime: int, slack: int = 60, count: Callable[[str, int], None] | None = None):
         self.redis = redis
+        self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
         self.secret = secret
         self.clock = clock
         self.idle_ms = idle * 1000  # seconds → ms
@@ -235,7 +236,10 @@ class SessionStore:
         email = await self.scripts.login(args=[
             self.now_ms(), ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent,
             old_ref, new_hash, old_hash, email_key])
-        return (session_id, ref) if email else None
+        if not email:
+            return None
+        self.count("login", 1)
+        return session_id, ref
 
     async def load(self, ref: str, *, with_sessions: bool = False) -> Current | None:
         """The session and its user, refreshed (sliding idle deadline); None when it has ended."""
@@ -258,8 +262,10 @@ class SessionStore:
 
         With ``owner`` set, only a session of that user is ended.
         """
-        result = await self.scripts.end(args=[self.now_ms(), ref, kind, reason, actor, ip, user_agent, owner])
-        return _text(result) or None
+        result = _text(await self.scripts.end(args=[self.now_ms(), ref, kind, reason, actor, ip, user_agent, owner]))
+        if result:
+            self.count(kind if result == "ended" else events.EXPIRED, 1)
+        return result or None
 
     async def end_all(self, uid: str, reason: str, *, actor: str = "", ip: str = "", user_agent: str = "",
                       keep: str = "", set_field: str = "", set_value: str = "") -> int:
@@ -267,8 +273,11 @@ class SessionStore:
 
         Returns how many were revoked, or -1 when there is no such user.
         """
-        return int(await self.scripts.end_all(args=[
+        ended = int(await self.scripts.end_all(args=[
             self.now_ms(), uid, reason, actor, ip, user_agent, keep, set_field, set_value]))
+        if ended > 0:
+            self.count(events.REVOKED, ended)
+        return ended
 
     async def expire_due(self, now_ms: int | None = None, batch: int = 500) -> tuple[int, int]:
         """Record `expired` for sessions whose deadline has passed: (how many, worst lag in ms)."""

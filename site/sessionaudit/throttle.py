@@ -79,8 +79,10 @@ class Attempt:
 class Throttle:
     """Failed-login counters. Takes Redis, settings and a clock in."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings, clock: Callable[[], float]):
+    def __init__(self, redis: aioredis.Redis, settings: Settings, clock: Callable[[], float],
+                 count: Callable[[str, int], None] | None = None):
         self.settings = settings
+        self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
         self.clock = clock
         self.scripts = keys.Scripts(redis, check=CHECK, fail=FAIL)
 
@@ -96,6 +98,10 @@ class Throttle:
     async def fail(self, email: str, ip: str, user_agent: str, reason: str, uid: str | None) -> int:
         """Record a failed attempt (and a lock-out when it crosses a threshold)."""
         s = self.settings
-        return int(await self.scripts.fail(args=[
+        failures = int(await self.scripts.fail(args=[
             int(self.clock() * 1000), email, ip, user_agent, reason, s.login_account_threshold,
             s.login_address_threshold, s.login_window * 1000, uid or ""]))
+        self.count("login_failed", 1)
+        if failures == s.login_account_threshold:
+            self.count("locked_out", 1)
+        return failures

@@ -73,9 +73,11 @@ def normalize_email(address: str) -> str:
 class UserStore:
     """Create and read accounts. Takes the Redis client and a clock (seconds) in."""
 
-    def __init__(self, redis: aioredis.Redis, clock: Callable[[], float]):
+    def __init__(self, redis: aioredis.Redis, clock: Callable[[], float],
+                 count: Callable[[str, int], None] | None = None):
         self.redis = redis
         self.clock = clock
+        self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
         self.scripts = keys.Scripts(redis, register=REGISTER, set_flag=SET_FLAG)
 
     async def create(self, email: str, password_hash: str, *, admin: bool = False,
@@ -83,7 +85,10 @@ class UserStore:
         """Create the account and its `register` event; None when the email is taken."""
         now = int(self.clock() * 1000)
         uid = await self.scripts.register(args=[now, email, password_hash, "1" if admin else "0", ip, user_agent])
-        return uid.decode() if uid else None
+        if not uid:
+            return None
+        self.count("register", 1)
+        return uid.decode()
 
     async def get(self, uid: str) -> User | None:
         h = await self.redis.hgetall(keys.USER + uid)

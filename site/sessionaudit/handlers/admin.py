@@ -14,7 +14,7 @@ from .. import events, views
 from ..audit import BadQuery, Query
 from ..live import Follower, replay
 from ..sessions import list_live
-from .base import BaseHandler, admin, form
+from .base import BaseHandler, admin, form, security_log
 
 EXPORT_CHUNK = 1000
 
@@ -220,6 +220,7 @@ class AdminRevokeHandler(AdminHandler):
                                              ip=self.client_ip, user_agent=self.user_agent)
         if result is None:
             raise tornado.web.HTTPError(404)
+        security_log.warning("admin %s ended session %s", self.current.email, ref)
         if ref == self.current.ref:
             self.clear_session_cookie()
             self.redirect("/", status=303)
@@ -237,6 +238,7 @@ class AdminRevokeAllHandler(AdminHandler):
                                                 user_agent=self.user_agent, keep=keep)
         if ended < 0:
             raise tornado.web.HTTPError(404)
+        security_log.warning("admin %s ended %d session(s) of user %s", self.current.email, ended, uid)
         self.redirect(_back(self.get_argument("next", ""), f"/admin/users/{uid}"), status=303)
 
 
@@ -260,6 +262,7 @@ class UserFlagHandler(AdminHandler):
             found = await ctx.users.set_flag(uid, "admin", action == "admin") is not None
         if not found:
             raise tornado.web.HTTPError(404)
+        security_log.warning("admin %s: %s user %s", self.current.email, action, uid)
         self.redirect(f"/admin/users/{uid}", status=303)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import events
 from ..passwords import MAX_PASSWORD_BYTES
 from ..users import InvalidEmail, normalize_email
-from .base import BaseHandler, form, safe_next
+from .base import BaseHandler, form, safe_next, security_log
 
 BAD_LOGIN = "That email and password do not match an account."
 
@@ -70,6 +70,8 @@ class LoginHandler(BaseHandler):
         if attempt.retry_after > 0:
             await ctx.throttle.fail(email, self.client_ip, self.user_agent, events.THROTTLED, attempt.uid)
             ctx.metrics.login("throttled")
+            security_log.warning("login throttled for %s from %s (retry after %d s)", email or "an invalid address",
+                                 self.client_ip, attempt.retry_after)
             self.set_status(429)
             self.set_header("Retry-After", str(attempt.retry_after))
             return self.render("login.html", email=raw_email, next=next_url,
