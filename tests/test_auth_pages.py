@@ -6,6 +6,7 @@ import asyncio
 import urllib.parse
 
 import pytest
+import tornado.web
 
 from conftest import PASSWORD, Browser, read_events
 from sessionaudit import keys
@@ -263,3 +264,12 @@ async def test_favicon_and_static(browser: Browser) -> None:
 async def test_healthz(browser: Browser) -> None:
     r = await browser.get("/healthz")
     assert r.code == 200 and r.body == b"ok"
+
+
+def test_every_post_handler_checks_xsrf_after_parsing_its_form(app) -> None:
+    """The @form decorator is what checks XSRF for streamed bodies: no POST method may lack it."""
+    handlers = [rule.target for rule in app.wildcard_router.rules if isinstance(rule.target, type)]
+    posts = [h for h in handlers if h.post is not tornado.web.RequestHandler.post]
+    assert len(posts) >= 8
+    for handler in posts:
+        assert getattr(handler.post, "parses_form", False), handler.__name__

@@ -61,6 +61,7 @@ def form(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None
         self._body_ready = True
         self.check_xsrf_cookie()
         await method(self, *args, **kwargs)
+    wrapper.parses_form = True  # type: ignore[attr-defined]
     return wrapper
 
 
