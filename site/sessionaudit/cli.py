@@ -23,7 +23,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from . import config
+from . import acl, config
 from .config import Settings
 from .redis_server import RedisServer, RedisServerError
 
@@ -173,12 +173,21 @@ async def serve(settings: Settings, url: str) -> None:
     from .sweeper import Sweeper
 
     client = redis_client(url)
+    mode = acl.FULL
     try:
         for warning in await check_redis(client):
             log.warning(warning)
+        mode = await acl.detect_mode(client)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
         log.warning("Redis at %s is not answering yet (%s); pages answer 503 until it does", _safe_url(url), e)
+    if mode == acl.APPEND_ONLY:
+        log.info("audit trail: append-only Redis user; this process does not trim it "
+                 "(run `server.py audit trim` as the maintenance user from a timer)")
+    else:
+        log.info("audit trail: this Redis user may trim it; the sweeper applies the %d-day retention",
+                 settings.audit_retention_days)
     app = make_app(settings, client)
+    app.ctx.append_only = mode == acl.APPEND_ONLY
     ctx = app.ctx
     server = tornado.httpserver.HTTPServer(app, xheaders=settings.xheaders, max_body_size=1024 * 1024,
                                           idle_connection_timeout=60, body_timeout=30)
@@ -187,7 +196,8 @@ async def serve(settings: Settings, url: str) -> None:
     except OSError as e:
         raise UsageError(f"cannot listen on {settings.address}:{settings.port}: {e.strerror}") from None
     sweeper = Sweeper(ctx.sessions, ctx.audit, ctx.clock, interval=settings.sweep_interval,
-                      retention_days=settings.audit_retention_days, on_run=ctx.metrics.sweep)
+                      retention_days=settings.audit_retention_days, trim=not ctx.append_only,
+                      on_run=ctx.metrics.sweep)
     sweeper.start()
     metrics_server = None
     if settings.metrics_port:
@@ -203,7 +213,7 @@ async def serve(settings: Settings, url: str) -> None:
     server.stop()
     if metrics_server:
         metrics_server.stop()
-    await ctx.close_followers()
+    await ctx.close_followers()  # live-follow streams end, so their requests finish
     try:
         await asyncio.wait_for(ctx.drained(), SHUTDOWN_GRACE)
     except TimeoutError:
