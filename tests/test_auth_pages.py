@@ -273,3 +273,30 @@ def test_every_post_handler_checks_xsrf_after_parsing_its_form(app) -> None:
     assert len(posts) >= 8
     for handler in posts:
         assert getattr(handler.post, "parses_form", False), handler.__name__
+
+
+async def test_login_rehashes_a_hash_with_old_costs(browser: Browser, rdb, app) -> None:
+    import argon2
+    old = argon2.PasswordHasher(time_cost=1, memory_cost=512, parallelism=1).hash(PASSWORD)
+    await app.ctx.users.create("old@example.com", old)
+    assert (await browser.login("old@example.com")).code == 303
+    stored = (await rdb.hget(keys.USER + "1", "hash")).decode()
+    assert stored != old and stored.startswith("$argon2id$")
+    assert "m=1024" in stored  # the site's (test) costs
+    await browser.logout()
+    assert (await browser.login("old@example.com")).code == 303
+
+
+async def test_unknown_email_costs_a_verify_too(browser: Browser, new_browser, app) -> None:
+    """Timing does not tell which emails exist: an unknown one is verified against a dummy hash."""
+    await browser.register("known@example.com")
+    hashes = app.ctx.metrics.hash_seconds
+
+    def count() -> float:
+        return next(s.value for m in hashes.collect() for s in m.samples if s.name.endswith("_count"))
+
+    before = count()
+    await new_browser().login("known@example.com", "a wrong password here")
+    await new_browser().login("unknown@example.com", "a wrong password here")
+    await new_browser().login("not-even-an-email", "a wrong password here")
+    assert count() - before == 3

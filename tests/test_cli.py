@@ -96,3 +96,13 @@ def test_bad_options_stop_with_a_clear_message(args: list[str], message: str) ->
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_warns_about_a_redis_that_would_lose_data(tmp_path: Path) -> None:
+    from sessionaudit.redis_server import RedisServer
+    with RedisServer.ephemeral(tmp_path, extra=["--maxmemory-policy", "allkeys-lru"]) as shared:
+        site = Site(tmp_path, f"--redis-url={shared.url}")
+        assert site.stop() == 0
+        out = site.output()
+    assert "maxmemory-policy is 'allkeys-lru', not 'noeviction'" in out
+    assert "persistence is off" in out

@@ -197,7 +197,7 @@ async def serve(settings: Settings, url: str) -> None:
         raise UsageError(f"cannot listen on {settings.address}:{settings.port}: {e.strerror}") from None
     sweeper = Sweeper(ctx.sessions, ctx.audit, ctx.clock, interval=settings.sweep_interval,
                       retention_days=settings.audit_retention_days, trim=not ctx.append_only,
-                      on_run=ctx.metrics.sweep)
+                      on_run=ctx.metrics.sweep, on_reconnect=ctx.metrics.redis_reconnects.inc)
     sweeper.start()
     metrics_server = None
     if settings.metrics_port:

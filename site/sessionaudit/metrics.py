@@ -30,6 +30,9 @@ class Metrics:
         self.sweeps = Counter("sessionaudit_sweeper_runs", "Sweeper runs", registry=r)
         self.redis_errors = Counter("sessionaudit_redis_errors", "Requests that failed because Redis was down",
                                     registry=r)
+        self.redis_reconnects = Counter("sessionaudit_redis_reconnects",
+                                        "Times background work found Redis reachable again after an outage",
+                                        registry=r)
         self.hash_queue = Gauge("sessionaudit_argon2_queue", "Password hashes waiting or running", registry=r)
         self.hash_seconds = Histogram("sessionaudit_argon2_seconds", "Time of one argon2 hash or verify",
                                       registry=r, buckets=(.01, .025, .05, .1, .2, .4, .8, 1.6))

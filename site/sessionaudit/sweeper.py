@@ -27,7 +27,8 @@ class Sweeper:
 
     def __init__(self, sessions: SessionStore, audit: AuditLog, clock: Callable[[], float], *,
                  interval: float = 1.0, retention_days: int = 365, trim: bool = True,
-                 on_run: Callable[[int, int], None] | None = None):
+                 on_run: Callable[[int, int], None] | None = None,
+                 on_reconnect: Callable[[], None] | None = None):
         self.sessions = sessions
         self.audit = audit
         self.clock = clock
@@ -35,6 +36,7 @@ class Sweeper:
         self.retention_ms = retention_days * 86_400_000
         self.trim = trim and retention_days > 0
         self.on_run = on_run  # metrics hook: (expired, lag ms)
+        self.on_reconnect = on_reconnect  # metrics hook: Redis is back after an outage
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._ticks = 0
@@ -72,6 +74,8 @@ class Sweeper:
                 if self.failing:
                     log.warning("sweeper: Redis is reachable again")
                     self.failing = False
+                    if self.on_reconnect:
+                        self.on_reconnect()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
                 if not self.failing:
                     log.warning("sweeper: Redis unreachable (%s); retrying every %.1f s", e, self.interval)

@@ -223,6 +223,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, REDIS_DOWN):
+            self.ctx.metrics.redis_errors.inc()
             log.warning("Redis unavailable during %s %s: %s", self.request.method, self.request.path, value)
         elif isinstance(value, HasherBusy):
             log.warning("password hashing queue full; answered 503")

@@ -1,0 +1,254 @@
+"""Browser tests: the real site (`python server.py`) driven by Debian's Chromium through Playwright.
+
+What they need
+--------------
+- Chromium at ``/usr/bin/chromium``: ``apt-get install -y chromium`` (never ``playwright install``:
+  the machine has no network; Playwright only drives the system browser).
+- Playwright for Python in the venv: ``pip install 'playwright>=1.49'`` (the ``test`` extra).
+- axe-core from npm, pinned by ``package.json``/``package-lock.json`` here:
+  ``npm ci --prefix tests/browser`` (``node_modules`` is git-ignored).
+
+When any of the three is missing, every module of this directory is reported as SKIPPED with one
+plain reason, and the end of the run says so; nothing errors.
+
+What they do
+------------
+Each test starts ``python server.py --port=<free> --redis-url=<the test Redis>`` as a subprocess (cheap
+argon2 costs from the environment), waits for ``/healthz``, drives it with one Chromium per run of this
+package (a fresh browser context per test), and stops the server with SIGTERM (exit 0 expected).
+Users are created with ``python server.py create-user`` (password on stdin) or through the pages.
+
+Screenshots of every page at desktop (1280x800) and phone (390x844) widths, full page, go to
+``test-artifacts/screenshots/<page>-<width>.png`` at the repository root (git-ignored; CI keeps them).
+
+Run just these: ``.venv/bin/python -m pytest tests/browser -q``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import PASSWORD, ROOT
+from sessionaudit.redis_server import free_port
+
+HERE = Path(__file__).resolve().parent
+SERVER = str(ROOT / "server.py")
+CHROMIUM = "/usr/bin/chromium"
+AXE_JS = HERE / "node_modules" / "axe-core" / "axe.min.js"
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+]
+EXPECT_TIMEOUT_MS = 5_000
+
+
+def _missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    missing = []
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("Playwright for Python (pip install -e '.[test]')")
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        missing.append(f"Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    if not AXE_JS.is_file():
+        missing.append("axe-core (npm ci --prefix tests/browser)")
+    if not missing:
+        return None
+    return "browser tests skipped: missing " + "; ".join(missing)
+
+
+SKIP_REASON = _missing()
+
+
+class _SkippedModule(pytest.Module):
+    """A test module of this directory when the browser stack is missing: skipped, never imported."""
+
+    def collect(self) -> Any:
+        pytest.skip(SKIP_REASON or "", allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    if SKIP_REASON and module_path.name.startswith("test_"):
+        return _SkippedModule.from_parent(parent, path=module_path)
+    return None
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if SKIP_REASON:
+        terminalreporter.write_line(SKIP_REASON, yellow=True, bold=True)
+
+
+# --- the site as a subprocess ----------------------------------------------------------------------
+
+def server_env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "COOKIE_SECRET", "SESSION_SECRET")}
+    base.update({"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST": "1024", "ARGON2_PARALLELISM": "1"})
+    base.update(extra)
+    return base
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+class Site:
+    """``python server.py`` on a free port against a given Redis; ``stop()`` sends SIGTERM."""
+
+    def __init__(self, redis_url: str, data_dir: Path, **env: str):
+        self.redis_url = redis_url
+        self.data_dir = data_dir
+        self.env = server_env(**env)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir / f"site-{self.port}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, SERVER, f"--port={self.port}", f"--redis-url={redis_url}", f"--data-dir={data_dir}"],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if _status(self.url + "/healthz") == 200:
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"the site did not answer /healthz:\n{self.output()}")
+
+    def create_user(self, email: str, *, admin: bool = False, password: str = PASSWORD) -> int:
+        """``server.py create-user`` on the same Redis and data dir; returns the new user's id."""
+        args = [sys.executable, SERVER, "create-user", f"--email={email}", f"--redis-url={self.redis_url}",
+                f"--data-dir={self.data_dir}", *(["--admin"] if admin else [])]
+        done = subprocess.run(args, input=password + "\n", capture_output=True, text=True, env=self.env, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        found = re.search(r"user (\d+)", done.stdout)
+        assert found, done.stdout
+        return int(found.group(1))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"the site did not stop within 20 s of SIGTERM:\n{self.output()}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def stop_site(site: Site) -> None:
+    code = site.stop()
+    assert code == 0, f"the site exited {code} on SIGTERM:\n{site.output()}"
+
+
+@pytest.fixture
+def start_site(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Site]]:
+    """Start the site (environment overrides as keyword arguments); all are stopped after the test."""
+    sites: list[Site] = []
+
+    def start(**env: str) -> Site:
+        site = Site(redis_url, tmp_path, **env)
+        sites.append(site)
+        return site
+
+    yield start
+    for site in sites:
+        stop_site(site)
+
+
+@pytest.fixture
+def site(start_site: Callable[..., Site]) -> Site:
+    return start_site()
+
+
+# --- the browser ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="package")
+def chromium() -> Iterator[Any]:
+    """One headless Chromium for the whole browser package."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def new_context(chromium: Any) -> Iterator[Callable[..., Any]]:
+    """Make browser contexts (separate cookie jars: separate devices); closed after the test."""
+    contexts: list[Any] = []
+
+    def make(site: Site, **kw: Any) -> Any:
+        kw.setdefault("viewport", {"width": 1280, "height": 800})
+        context = chromium.new_context(base_url=site.url, **kw)
+        context.set_default_timeout(10_000)
+        contexts.append(context)
+        return context
+
+    yield make
+    for context in contexts:
+        with contextlib.suppress(Exception):
+            context.close()
+
+
+# --- what a user does ------------------------------------------------------------------------------
+
+def register(page: Any, email: str, password: str = PASSWORD) -> None:
+    page.goto("/register")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_label("Password again").fill(password)
+    page.get_by_role("button", name="Create account").click()
+    page.wait_for_url("**/account")
+
+
+def log_in(page: Any, email: str, password: str = PASSWORD, *, expect_path: str = "/account") -> None:
+    page.goto("/login")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**" + expect_path)
+
+
+def log_out(page: Any) -> None:
+    page.get_by_role("button", name=re.compile(r"^Log out")).click()
+    page.wait_for_url(re.compile(r"/$"))
+
+
+def screenshot_path(name: str, width: int) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS / f"{name}-{width}.png"
+
+
+def clear_screenshots() -> None:
+    if SCREENSHOTS.is_dir():
+        shutil.rmtree(SCREENSHOTS)
