@@ -139,3 +139,44 @@ async def test_disabled_user_cookie_is_anonymous(browser: Browser, rdb) -> None:
     uid = (await rdb.hget(keys.EMAILS, "dis@example.com")).decode()
     await rdb.hset(keys.USER + uid, "disabled", "1")
     assert (await browser.get("/account")).code == 302
+
+
+async def test_cookie_secret_rotation_keeps_people_logged_in(http_client, rdb, clock, settings) -> None:
+    """Old secret 1, then secrets {1: old, 2: new}: old cookies still verify, new ones use key 2."""
+    import dataclasses
+
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+
+    def serve(secrets: dict[int, str]):
+        app = make_app(dataclasses.replace(settings, cookie_secret=secrets), rdb, clock)
+        sock, port = bind_unused_port()
+        server = HTTPServer(app)
+        server.add_socket(sock)
+        return app, server, f"http://127.0.0.1:{port}"
+
+    old, new = "old-secret-0123456789abcdef", "new-secret-0123456789abcdef"
+    app1, server1, base1 = serve({1: old})
+    b = Browser(http_client, base1)
+    await b.register("rot@example.com")
+    cookie = b.cookies["sid"]
+    server1.stop()
+    app1.ctx.close()
+    app2, server2, base2 = serve({1: old, 2: new})
+    try:
+        b.base_url = base2
+        assert (await b.get("/account")).code == 200
+        fresh = Browser(http_client, base2)
+        await fresh.login("rot@example.com")
+        assert fresh.cookies["sid"].startswith("2|1:2|")  # signed with key version 2
+    finally:
+        server2.stop()
+        app2.ctx.close()
+    app3, server3, base3 = serve({2: new})  # key 1 retired: its cookies no longer verify
+    try:
+        late = Browser(http_client, base3)
+        late.cookies["sid"] = cookie
+        assert (await late.get("/account")).code == 302
+    finally:
+        server3.stop()
+        app3.ctx.close()
