@@ -70,22 +70,26 @@ return out
 # Bounded work per call; the sweeper calls it a step at a time.
 TRIM = r"""
 local cutoff, batch = ARGV[1], tonumber(ARGV[2])
-local old = redis.call('XRANGE', 'audit:log', '-', '(' .. cutoff, 'COUNT', batch)
+local old = redis.call('XRANGE', 'audit:log', '-', '(' .. cutoff .. '-0', 'COUNT', batch)
 if #old == 0 then return 0 end
-local users, types = {}, {}
+local users, types, sessions = {}, {}, {}
 for _, e in ipairs(old) do
   local f = {}
   for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
-  if f.s and f.s ~= '' then redis.call('HDEL', 'sa:sessev', f.s) end
-  if f.u and f.u ~= '' then users[f.u] = e[1] end
-  if f.t and f.t ~= '' then types[f.t] = e[1] end
+  if f.s and f.s ~= '' then sessions[#sessions + 1] = f.s end
+  if f.u and f.u ~= '' then users[f.u] = true end
+  if f.t and f.t ~= '' then types[f.t] = true end
 end
 local last = old[#old][1]
 local ms, seq = string.match(last, '^(%d+)-(%d+)$')
 local upto = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
+-- The stream first: for a user who may not trim it (append-only mode) the script stops here,
+-- before it has changed anything, since Redis does not roll a failed script back.
+local removed = redis.call('XTRIM', 'audit:log', 'MINID', upto)
 for uid, _ in pairs(users) do redis.call('XTRIM', 'audit:u:' .. uid, 'MINID', upto) end
 for t, _ in pairs(types) do redis.call('XTRIM', 'audit:t:' .. t, 'MINID', upto) end
-return redis.call('XTRIM', 'audit:log', 'MINID', upto)
+for _, s in ipairs(sessions) do redis.call('HDEL', 'sa:sessev', s) end
+return removed
 """
 
 SCAN_BUDGET = 2000  # index entries one page may look at before it returns a cursor

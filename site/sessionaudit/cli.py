@@ -150,17 +150,17 @@ async def check_redis(client: aioredis.Redis) -> list[str]:
         policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
         aof = (await client.config_get("appendonly")).get("appendonly")
         save = (await client.config_get("save")).get("save")
-    except redis.exceptions.ResponseError:  # CONFIG not allowed for this user
+    except redis.exceptions.ResponseError:  # CONFIG not allowed for this user: INFO tells less
         info = await client.info("persistence")
         policy = (await client.info("memory")).get("maxmemory_policy")
         aof = "yes" if info.get("aof_enabled") else "no"
-        save = "unknown"
+        save = ""  # snapshot rules are not visible without CONFIG: judge by the AOF alone
     if policy and policy != "noeviction":
         warnings.append(f"Redis maxmemory-policy is {policy!r}, not 'noeviction': when memory runs out Redis "
                         "will silently drop sessions and audit entries. Set maxmemory-policy noeviction.")
     if aof != "yes" and not save:
-        warnings.append("Redis persistence is off (no AOF, no RDB snapshots): a Redis restart loses every "
-                        "account, session and audit entry. Set appendonly yes.")
+        warnings.append("Redis persistence is off (no AOF, and no RDB snapshots that this user can see): a "
+                        "Redis restart loses every account, session and audit entry. Set appendonly yes.")
     return warnings
 
 

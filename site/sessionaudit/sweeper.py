@@ -80,13 +80,23 @@ class Sweeper:
                 if not self.failing:
                     log.warning("sweeper: Redis unreachable (%s); retrying every %.1f s", e, self.interval)
                     self.failing = True
-            except redis.exceptions.NoPermissionError:
-                log.warning("sweeper: no permission to trim the audit trail: retention is left to "
-                            "`server.py audit trim` (append-only mode)")
-                self.trim = False
+            except redis.exceptions.ResponseError as e:
+                if _refused(e) and self.trim:
+                    log.warning("sweeper: no permission to trim the audit trail: retention is left to "
+                                "`server.py audit trim` (append-only mode)")
+                    self.trim = False
+                else:
+                    log.exception("sweeper: run failed")
             except Exception:
                 log.exception("sweeper: run failed")
             try:
                 await asyncio.wait_for(self._stopping.wait(), self.interval)
             except TimeoutError:
                 pass
+
+
+def _refused(error: Exception) -> bool:
+    """A permission refusal, also when a script reports it (Redis 7: "... can't access ...")."""
+    text = str(error)
+    return isinstance(error, redis.exceptions.NoPermissionError) or "NOPERM" in text or "can't access" in text \
+        or "has no permissions" in text
