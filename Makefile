@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+AXE := tests/browser/node_modules/axe-core/axe.min.js
 
 .PHONY: run test bench lint clean
 
@@ -14,7 +15,12 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(PY) server.py $(ARGS)
 
-test: $(STAMP)
+# axe-core for the browser tests' accessibility checks; without npm (or Chromium) they are skipped.
+$(AXE): tests/browser/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the browser tests will be skipped"; fi
+
+test: $(STAMP) $(AXE)
 	$(PY) -m ruff check site tests bench server.py
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -25,4 +31,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check site tests bench server.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache tests/browser/node_modules test-artifacts

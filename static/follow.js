@@ -11,8 +11,10 @@
   var source = null;
   button.hidden = false;
 
+  var COLUMNS = ["Time (UTC)", "Event", "User", "Session", "Address", "Browser", "Reason", "By"];
   function cell(tr, text, child) {
     var td = document.createElement("td");
+    td.setAttribute("data-label", COLUMNS[tr.children.length]);
     if (child) { td.appendChild(child); } else { td.textContent = text == null || text === "" ? "—" : text; }
     tr.appendChild(td);
     return td;

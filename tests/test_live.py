@@ -217,3 +217,33 @@ async def test_user_timeline_draws_session_bars(new_browser, rdb, clock) -> None
     page = (await admin.get("/admin/users/2")).body.decode()
     assert 'class="bar bar-logout"' in page and 'class="bar bar-live"' in page
     assert "Sessions over time" in page
+
+
+async def test_stream_stops_when_the_followers_session_ends(http_client, rdb, clock, settings) -> None:
+    """Following is not activity, and an ended session stops receiving within one heartbeat."""
+    settings = dataclasses.replace(settings, live_heartbeat=0.05)
+    app = make_app(settings, rdb, clock)
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+    sock, port = bind_unused_port()
+    server = HTTPServer(app)
+    server.add_socket(sock)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        admin = Browser(http_client, base)
+        await admin.register("end@example.com")
+        await make_admin(rdb, "end@example.com")
+        stream = await SSE.open(base, admin)
+        assert stream.status == 200
+        laptop = Browser(http_client, base)
+        await laptop.login("end@example.com")  # the same admin elsewhere ends the following session
+        await laptop.post("/account/sessions/revoke-others")
+        seen = []
+        while (message := await stream.message()) is not None:  # the laptop's login, the revocation...
+            seen.append(message[1]["type"])
+        assert seen == ["login", "revoked"]  # ...and then the stream ended
+        stream.close()
+    finally:
+        server.stop()
+        await app.ctx.close_followers()
+        app.ctx.close()

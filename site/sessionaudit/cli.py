@@ -266,7 +266,7 @@ async def create_user(settings: Settings, url: str, email_raw: str, admin: bool,
         problem, password_hash = await passwords.check_and_hash(password, email)
         if problem or not password_hash:
             raise UsageError(f"weak password: {problem}")
-        uid = await users.create(email, password_hash, admin=admin, ip="", user_agent="create-user")
+        uid = await users.create(email, password_hash, admin=admin, ip="", user_agent="server.py create-user")
         if uid is None:
             raise UsageError(f"an account with {email} already exists")
         return uid

@@ -99,6 +99,15 @@ end
 return out
 """
 
+# Is a session still live (without refreshing it)? ARGV: now, ref. Returns {uid, admin} or false.
+CHECK = r"""
+local s = redis.call('HMGET', 'sa:s:' .. ARGV[2], 'u', 'd')
+if not s[1] or tonumber(ARGV[1]) >= tonumber(s[2]) then return false end
+local user = redis.call('HMGET', 'sa:user:' .. s[1], 'admin', 'disabled')
+if user[2] == '1' then return false end
+return {s[1], user[1] or '0'}
+"""
+
 # End one session with an event of type ARGV[3] (logout or revoked).
 # ARGV: now, ref, type, reason, actor, ip, ua, owner uid ('' = anyone's)
 # Returns 'ended', 'expired' (its deadline had passed: recorded as expired instead) or false.
@@ -208,7 +217,7 @@ class SessionStore:
         self.lifetime_ms = lifetime * 1000
         self.slack_ms = slack * 1000
         self.scripts = keys.Scripts(redis, login=LOGIN, touch=TOUCH, end=END, end_all=END_ALL,
-                                    expire_due=EXPIRE_DUE)
+                                    expire_due=EXPIRE_DUE, check=CHECK)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -255,6 +264,11 @@ class SessionStore:
         return Current(ref=ref, uid=values[0], email=values[1], admin=values[2] == "1", created=int(values[3]),
                        last_seen=int(values[4]), ip=values[5], user_agent=values[6],
                        sessions=tuple(sorted(others, key=lambda s: -s.last_seen)))
+
+    async def still_admin(self, ref: str) -> bool:
+        """Whether the session is live and its user an admin, without counting as activity."""
+        out = await self.scripts.check(args=[self.now_ms(), ref])
+        return bool(out) and out[1] == b"1"
 
     async def end(self, ref: str, kind: str = events.LOGOUT, *, reason: str = "", actor: str = "",
                   ip: str = "", user_agent: str = "", owner: str = "") -> str | None:

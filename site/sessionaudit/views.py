@@ -48,7 +48,9 @@ def ua_summary(user_agent: str | None) -> str:
     if not user_agent:
         return "Unknown"
     result = ua_parser.parse(user_agent)
-    browser = result.user_agent.family if result.user_agent else "Unknown browser"
+    if not result.user_agent or result.user_agent.family == "Other":
+        return user_agent if len(user_agent) <= 40 else user_agent[:39] + "…"
+    browser = result.user_agent.family
     if result.user_agent and result.user_agent.major:
         browser += f" {result.user_agent.major}"
     text = browser
@@ -78,20 +80,20 @@ SERIES_STYLE = {  # colour, dash pattern (so the lines differ without colour too
 }
 
 
-def nice_max(value: int) -> int:
-    """A round axis maximum at or above ``value``: 1, 2, 5, 10, 20, 50, ..."""
+def nice_max(value: int, ticks: int = 4) -> int:
+    """A round axis maximum at or above ``value`` that ``ticks`` equal whole steps divide: 4, 8, 20, 40, ..."""
     step = 1
     while True:
         for m in (1, 2, 5):
-            if value <= step * m:
-                return step * m
+            if value <= step * m * ticks:
+                return step * m * ticks
         step *= 10
 
 
 def line_chart(starts: list[int], counts: dict[str, list[int]], unit: str, width: int = 720,
                height: int = 240) -> dict[str, object]:
     """Geometry for an SVG line chart of several series over equal buckets."""
-    left, right, top, bottom = 44, 12, 12, 30
+    left, right, top, bottom = 44, 16, 12, 30
     plot_w, plot_h = width - left - right, height - top - bottom
     peak = nice_max(max([1, *(max(v) for v in counts.values())]))
     n = len(starts)

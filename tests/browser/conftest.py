@@ -4,7 +4,7 @@ What they need
 --------------
 - Chromium at ``/usr/bin/chromium``: ``apt-get install -y chromium`` (never ``playwright install``:
   the machine has no network; Playwright only drives the system browser).
-- Playwright for Python in the venv: ``pip install 'playwright>=1.49'`` (the ``test`` extra).
+- Playwright for Python in the venv: ``playwright>=1.49,<2`` in the ``test`` extra.
 - axe-core from npm, pinned by ``package.json``/``package-lock.json`` here:
   ``npm ci --prefix tests/browser`` (``node_modules`` is git-ignored).
 
@@ -13,13 +13,19 @@ plain reason, and the end of the run says so; nothing errors.
 
 What they do
 ------------
-Each test starts ``python server.py --port=<free> --redis-url=<the test Redis>`` as a subprocess (cheap
-argon2 costs from the environment), waits for ``/healthz``, drives it with one Chromium per run of this
-package (a fresh browser context per test), and stops the server with SIGTERM (exit 0 expected).
-Users are created with ``python server.py create-user`` (password on stdin) or through the pages.
+- ``test_flows.py``: register, account, log out; a wrong password; two devices, one ends the other;
+  registering and logging in with the keyboard alone, every focused element showing an outline.
+- ``test_follow.py``: an admin following ``/admin/audit`` live sees another browser's sign-in,
+  sign-out and (``SESSION_IDLE=3``) expiry appear at the top within 2 s, measured in the page itself.
+- ``test_pages.py``: every page at desktop (1280x800) and phone (390x844) widths: a full-page screenshot
+  to ``test-artifacts/screenshots/<page>-<width>.png`` at the repository root (git-ignored; CI keeps
+  them), no page wider than the window, and axe-core with no "serious" or "critical" violation.
 
-Screenshots of every page at desktop (1280x800) and phone (390x844) widths, full page, go to
-``test-artifacts/screenshots/<page>-<width>.png`` at the repository root (git-ignored; CI keeps them).
+Each test of the first two starts ``python server.py --port=<free> --redis-url=<the test Redis>`` as
+a subprocess (cheap argon2 costs from the environment), waits for ``/healthz``, and stops it with
+SIGTERM (exit 0 expected); ``test_pages.py`` shares one such site, given a little history, between
+its tests. One headless Chromium serves the whole package, with a fresh browser context per test.
+Users are created with ``python server.py create-user`` (password on stdin) or through the pages.
 
 Run just these: ``.venv/bin/python -m pytest tests/browser -q``.
 """

@@ -42,7 +42,6 @@ def arrived_late_by(admin: Any, row: Any) -> float:
     arrived = admin.evaluate("id => window.__arrived[id]", row_id)
     assert arrived, f"row {row_id} was not added live"
     assert admin.evaluate("id => window.__atTop[id]", row_id), f"row {row_id} was not added at the top"
-    print("LATE", row_id, arrived - epoch_ms(at))
     return arrived - epoch_ms(at)
 
 

@@ -129,6 +129,10 @@ class AuditLiveHandler(AdminHandler):
                 try:
                     batch = [await asyncio.wait_for(follower.queue.get(), heartbeat)]
                 except TimeoutError:
+                    # The stream does not count as activity; a session that has ended (idle, lifetime,
+                    # logout, revoked, admin rights removed) stops receiving within one heartbeat.
+                    if not self.current or not await self.ctx.sessions.still_admin(self.current.ref):
+                        break
                     self.write(": heartbeat\n\n")
                     await self.flush()
                     continue

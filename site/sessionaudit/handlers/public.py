@@ -30,5 +30,6 @@ class HealthHandler(BaseHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    def prepare(self) -> None:  # type: ignore[override]
+    async def prepare(self) -> None:
+        await super().prepare()  # the page's header shows who is logged in, as on every page
         raise tornado.web.HTTPError(404)
