@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.cookies
 import sys
@@ -13,6 +14,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 import tornado.httpclient
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "site"))
@@ -158,6 +161,20 @@ def browser(http_client: Any, base_url: str) -> Browser:
 def new_browser(http_client: Any, base_url: str) -> Any:
     """Make more browsers (another device of the same user, an attacker...)."""
     return lambda user_agent=UA_FIREFOX: Browser(http_client, base_url, user_agent)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, **server_options: Any) -> Any:
+    """Serve another app (own settings, client or clock) beside the fixture's; yields its base URL."""
+    sock, port = bind_unused_port()
+    server = HTTPServer(app, **server_options)
+    server.add_socket(sock)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        await app.ctx.close_followers()
+        app.ctx.close()
 
 
 async def read_events(rdb: aioredis.Redis) -> list[Event]:

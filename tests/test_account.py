@@ -6,10 +6,8 @@ import dataclasses
 import re
 
 import pytest
-from tornado.httpserver import HTTPServer
-from tornado.testing import bind_unused_port
 
-from conftest import PASSWORD, UA_IPHONE, Browser, make_admin, read_events
+from conftest import PASSWORD, UA_IPHONE, Browser, make_admin, read_events, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 
@@ -205,11 +203,7 @@ async def test_address_throttle_sits_above_account_throttle(http_client, rdb, cl
     """Per address with --xheaders: one address guessing many accounts is stopped; another address is not."""
     settings = dataclasses.replace(settings, xheaders=True, login_address_threshold=6)
     app = make_app(settings, rdb, clock)
-    sock, port = bind_unused_port()
-    server = HTTPServer(app, xheaders=True)
-    server.add_socket(sock)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app, xheaders=True) as base:
         def at(ip: str) -> Browser:
             b = Browser(http_client, base)
             original = b.fetch
@@ -228,9 +222,6 @@ async def test_address_throttle_sits_above_account_throttle(http_client, rdb, cl
         assert (await at("198.51.100.7").login("nat@example.com")).code == 303
         failed = [e for e in await read_events(rdb) if e.type == "login_failed"]
         assert {e.ip for e in failed} == {"203.0.113.9"}
-    finally:
-        server.stop()
-        app.ctx.close()
 
 
 async def test_forwarded_for_is_ignored_without_xheaders(browser: Browser, rdb) -> None:

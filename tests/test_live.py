@@ -10,7 +10,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import Browser, make_admin, read_events
+from conftest import Browser, make_admin, read_events, serving
 from sessionaudit.app import make_app
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -139,13 +139,7 @@ async def test_last_event_id_resumes_with_nothing_missed(new_browser, rdb, base_
 async def test_heartbeat_closed_tab_cap_and_one_reader(http_client, rdb, clock, settings, redis_url) -> None:
     settings = dataclasses.replace(settings, live_heartbeat=0.05, max_followers=2)
     app = make_app(settings, rdb, clock)
-    from tornado.httpserver import HTTPServer
-    from tornado.testing import bind_unused_port
-    sock, port = bind_unused_port()
-    server = HTTPServer(app)
-    server.add_socket(sock)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as base:
         admin = Browser(http_client, base)
         await admin.register("hb@example.com")
         await make_admin(rdb, "hb@example.com")
@@ -172,9 +166,6 @@ async def test_heartbeat_closed_tab_cap_and_one_reader(http_client, rdb, clock, 
         assert await two.message() is None
         assert len(app.ctx.live.followers) == 0
         two.close()
-    finally:
-        server.stop()
-        app.ctx.close()
 
 
 async def test_live_is_admin_only(browser: Browser, base_url) -> None:
@@ -223,13 +214,7 @@ async def test_stream_stops_when_the_followers_session_ends(http_client, rdb, cl
     """Following is not activity, and an ended session stops receiving within one heartbeat."""
     settings = dataclasses.replace(settings, live_heartbeat=0.05)
     app = make_app(settings, rdb, clock)
-    from tornado.httpserver import HTTPServer
-    from tornado.testing import bind_unused_port
-    sock, port = bind_unused_port()
-    server = HTTPServer(app)
-    server.add_socket(sock)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as base:
         admin = Browser(http_client, base)
         await admin.register("end@example.com")
         await make_admin(rdb, "end@example.com")
@@ -243,7 +228,3 @@ async def test_stream_stops_when_the_followers_session_ends(http_client, rdb, cl
             seen.append(message[1]["type"])
         assert seen == ["login", "revoked"]  # ...and then the stream ended
         stream.close()
-    finally:
-        server.stop()
-        await app.ctx.close_followers()
-        app.ctx.close()

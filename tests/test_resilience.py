@@ -6,10 +6,8 @@ import asyncio
 import dataclasses
 
 import pytest
-from tornado.httpserver import HTTPServer
-from tornado.testing import bind_unused_port
 
-from conftest import Browser, read_events, test_settings
+from conftest import Browser, read_events, serving, test_settings
 from sessionaudit.app import make_app
 from sessionaudit.cli import redis_client
 from sessionaudit.redis_server import RedisServer
@@ -17,46 +15,37 @@ from sessionaudit.redis_server import RedisServer
 pytestmark = pytest.mark.gen_test(timeout=60)
 
 
-def serve(app) -> tuple[HTTPServer, str]:
-    sock, port = bind_unused_port()
-    server = HTTPServer(app)
-    server.add_socket(sock)
-    return server, f"http://127.0.0.1:{port}"
-
-
 async def test_redis_down_gives_503_pages_then_recovers(tmp_path, http_client, clock) -> None:
     redis_server = RedisServer.ephemeral(tmp_path).start()
     port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
     client = redis_client(redis_server.url)
     app = make_app(test_settings(), client, clock)
-    server, base = serve(app)
     try:
-        b = Browser(http_client, base)
-        assert (await b.register("down@example.com")).code == 303
-        redis_server.stop()
+        async with serving(app) as base:
+            b = Browser(http_client, base)
+            assert (await b.register("down@example.com")).code == 303
+            redis_server.stop()
 
-        account = await b.get("/account")
-        assert account.code == 503
-        assert b"Temporarily unavailable" in account.body and b"Traceback" not in account.body
-        assert (await b.get("/healthz")).code == 503
-        login = await Browser(http_client, base).login("down@example.com")
-        assert login.code == 503
-        home = await Browser(http_client, base).get("/")
-        assert home.code == 200  # anonymous pages need no Redis
+            account = await b.get("/account")
+            assert account.code == 503
+            assert b"Temporarily unavailable" in account.body and b"Traceback" not in account.body
+            assert (await b.get("/healthz")).code == 503
+            login = await Browser(http_client, base).login("down@example.com")
+            assert login.code == 503
+            home = await Browser(http_client, base).get("/")
+            assert home.code == 200  # anonymous pages need no Redis
 
-        redis_server = RedisServer.ephemeral(tmp_path, port=port).start()  # empty again: no persistence
-        for _ in range(100):  # the client reconnects by itself on the next request
-            if (await b.get("/healthz")).code == 200:
-                break
-            await asyncio.sleep(0.05)
-        assert (await b.get("/healthz")).code == 200
-        again = Browser(http_client, base)
-        assert (await again.register("back@example.com")).code == 303
-        assert (await again.get("/account")).code == 200
-        assert [e.type for e in await read_events(client)] == ["register", "login"]
+            redis_server = RedisServer.ephemeral(tmp_path, port=port).start()  # empty again: no persistence
+            for _ in range(100):  # the client reconnects by itself on the next request
+                if (await b.get("/healthz")).code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await b.get("/healthz")).code == 200
+            again = Browser(http_client, base)
+            assert (await again.register("back@example.com")).code == 303
+            assert (await again.get("/account")).code == 200
+            assert [e.type for e in await read_events(client)] == ["register", "login"]
     finally:
-        server.stop()
-        app.ctx.close()
         await client.aclose()
         redis_server.stop()
 
@@ -66,8 +55,7 @@ async def test_slow_hash_does_not_hold_up_other_requests(http_client, rdb, clock
     settings = dataclasses.replace(test_settings(), argon2_time_cost=3, argon2_memory_cost=65536,
                                    argon2_parallelism=4, hash_workers=1)
     app = make_app(settings, rdb, clock)
-    server, base = serve(app)
-    try:
+    async with serving(app) as base:
         b = Browser(http_client, base)
         await b.get("/login")
         done_order: list[str] = []
@@ -87,6 +75,3 @@ async def test_slow_hash_does_not_hold_up_other_requests(http_client, rdb, clock
         await asyncio.gather(*logins)
         # Every health check finished before the first of the three hashes did.
         assert done_order[:5] == ["health"] * 5
-    finally:
-        server.stop()
-        app.ctx.close()

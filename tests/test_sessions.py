@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import Browser, read_events
+from conftest import Browser, read_events, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 
@@ -88,30 +89,24 @@ async def test_authenticated_page_costs_one_round_trip(browser: Browser, setting
     counted = aioredis.Redis(connection_pool=pool)
     app = make_app(settings, counted, clock)
     # A second server on the counted client, beside the fixture app.
-    from tornado.httpserver import HTTPServer
-    from tornado.testing import bind_unused_port
-    sock, port = bind_unused_port()
-    server = HTTPServer(app)
-    server.add_socket(sock)
     try:
-        b = Browser(browser.client, f"http://127.0.0.1:{port}")
-        await b.register("rt@example.com")
-        await b.get("/account")  # scripts loaded, connection warm
-        info = await counted.info("commandstats")
-        before_sent, before_eval = sent, info.get("cmdstat_evalsha", {}).get("calls", 0)
-        for _ in range(10):
-            assert (await b.get("/account")).code == 200
-        info = await counted.info("commandstats")
-        assert sent - before_sent - 1 == 10  # minus the INFO itself
-        assert info["cmdstat_evalsha"]["calls"] - before_eval == 10
-        anonymous = Browser(browser.client, f"http://127.0.0.1:{port}")
-        before_sent = sent
-        for path in ("/", "/login", "/register"):
-            assert (await anonymous.get(path)).code == 200
-        assert sent == before_sent  # anonymous pages: no Redis at all
+        async with serving(app) as base:
+            b = Browser(browser.client, base)
+            await b.register("rt@example.com")
+            await b.get("/account")  # scripts loaded, connection warm
+            info = await counted.info("commandstats")
+            before_sent, before_eval = sent, info.get("cmdstat_evalsha", {}).get("calls", 0)
+            for _ in range(10):
+                assert (await b.get("/account")).code == 200
+            info = await counted.info("commandstats")
+            assert sent - before_sent - 1 == 10  # minus the INFO itself
+            assert info["cmdstat_evalsha"]["calls"] - before_eval == 10
+            anonymous = Browser(browser.client, base)
+            before_sent = sent
+            for path in ("/", "/login", "/register"):
+                assert (await anonymous.get(path)).code == 200
+            assert sent == before_sent  # anonymous pages: no Redis at all
     finally:
-        server.stop()
-        app.ctx.close()
         await counted.aclose()
         await pool.aclose()
 
@@ -143,40 +138,21 @@ async def test_disabled_user_cookie_is_anonymous(browser: Browser, rdb) -> None:
 
 async def test_cookie_secret_rotation_keeps_people_logged_in(http_client, rdb, clock, settings) -> None:
     """Old secret 1, then secrets {1: old, 2: new}: old cookies still verify, new ones use key 2."""
-    import dataclasses
-
-    from tornado.httpserver import HTTPServer
-    from tornado.testing import bind_unused_port
-
-    def serve(secrets: dict[int, str]):
-        app = make_app(dataclasses.replace(settings, cookie_secret=secrets), rdb, clock)
-        sock, port = bind_unused_port()
-        server = HTTPServer(app)
-        server.add_socket(sock)
-        return app, server, f"http://127.0.0.1:{port}"
+    def app_with(secrets: dict[int, str]):
+        return make_app(dataclasses.replace(settings, cookie_secret=secrets), rdb, clock)
 
     old, new = "old-secret-0123456789abcdef", "new-secret-0123456789abcdef"
-    app1, server1, base1 = serve({1: old})
-    b = Browser(http_client, base1)
-    await b.register("rot@example.com")
-    cookie = b.cookies["sid"]
-    server1.stop()
-    app1.ctx.close()
-    app2, server2, base2 = serve({1: old, 2: new})
-    try:
-        b.base_url = base2
+    async with serving(app_with({1: old})) as base:
+        b = Browser(http_client, base)
+        await b.register("rot@example.com")
+        cookie = b.cookies["sid"]
+    async with serving(app_with({1: old, 2: new})) as base:
+        b.base_url = base
         assert (await b.get("/account")).code == 200
-        fresh = Browser(http_client, base2)
+        fresh = Browser(http_client, base)
         await fresh.login("rot@example.com")
         assert fresh.cookies["sid"].startswith("2|1:2|")  # signed with key version 2
-    finally:
-        server2.stop()
-        app2.ctx.close()
-    app3, server3, base3 = serve({2: new})  # key 1 retired: its cookies no longer verify
-    try:
-        late = Browser(http_client, base3)
+    async with serving(app_with({2: new})) as base:  # key 1 retired: its cookies no longer verify
+        late = Browser(http_client, base)
         late.cookies["sid"] = cookie
         assert (await late.get("/account")).code == 302
-    finally:
-        server3.stop()
-        app3.ctx.close()

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import Browser, read_events
+from conftest import Browser, read_events, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 from sessionaudit.sessions import SessionStore
@@ -107,25 +107,19 @@ async def test_real_clock_expiry_is_recorded_within_two_seconds(http_client, rdb
     """One test on the real clock: idle limit 1 s, the sweeper at its default interval."""
     real = dataclasses.replace(settings, session_idle=1)
     app = make_app(real, rdb, time.time)
-    from tornado.httpserver import HTTPServer
-    from tornado.testing import bind_unused_port
-    sock, port = bind_unused_port()
-    server = HTTPServer(app)
-    server.add_socket(sock)
     sweeper = Sweeper(app.ctx.sessions, app.ctx.audit, time.time, interval=1.0)
     sweeper.start()
     try:
-        b = Browser(http_client, f"http://127.0.0.1:{port}")
-        await b.register("clock@example.com")
-        deadline = time.time() + 8
-        expired = []
-        while not expired and time.time() < deadline:
-            await asyncio.sleep(0.05)
-            expired = [e for e in await read_events(rdb) if e.type == "expired"]
-        assert len(expired) == 1
-        recorded_ms = int(expired[0].id.split("-")[0])
-        assert 0 <= recorded_ms - expired[0].at <= 2000
+        async with serving(app) as base:
+            b = Browser(http_client, base)
+            await b.register("clock@example.com")
+            deadline = time.time() + 8
+            expired = []
+            while not expired and time.time() < deadline:
+                await asyncio.sleep(0.05)
+                expired = [e for e in await read_events(rdb) if e.type == "expired"]
+            assert len(expired) == 1
+            recorded_ms = int(expired[0].id.split("-")[0])
+            assert 0 <= recorded_ms - expired[0].at <= 2000
     finally:
         await sweeper.stop()
-        server.stop()
-        app.ctx.close()

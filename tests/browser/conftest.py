@@ -40,20 +40,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import process
 from conftest import PASSWORD, ROOT
-from sessionaudit.redis_server import free_port
+from process import SERVER
 
 HERE = Path(__file__).resolve().parent
-SERVER = str(ROOT / "server.py")
 CHROMIUM = "/usr/bin/chromium"
 AXE_JS = HERE / "node_modules" / "axe-core" / "axe.min.js"
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
@@ -101,44 +98,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 # --- the site as a subprocess ----------------------------------------------------------------------
 
-def server_env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "COOKIE_SECRET", "SESSION_SECRET")}
-    base.update({"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST": "1024", "ARGON2_PARALLELISM": "1"})
-    base.update(extra)
-    return base
-
-
-def _status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
-
-
-class Site:
-    """``python server.py`` on a free port against a given Redis; ``stop()`` sends SIGTERM."""
+class Site(process.Site):
+    """``python server.py`` on a free port against a given Redis (see tests/process.py)."""
 
     def __init__(self, redis_url: str, data_dir: Path, **env: str):
         self.redis_url = redis_url
         self.data_dir = data_dir
-        self.env = server_env(**env)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir / f"site-{self.port}.log"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, SERVER, f"--port={self.port}", f"--redis-url={redis_url}", f"--data-dir={data_dir}"],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if _status(self.url + "/healthz") == 200:
-                return
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"the site did not answer /healthz:\n{self.output()}")
+        self.env = process.env(**env)
+        super().__init__(data_dir, f"--redis-url={redis_url}", **env)
 
     def create_user(self, email: str, *, admin: bool = False, password: str = PASSWORD) -> int:
         """``server.py create-user`` on the same Redis and data dir; returns the new user's id."""
@@ -150,23 +117,15 @@ class Site:
         assert found, done.stdout
         return int(found.group(1))
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError(f"the site did not stop within 20 s of SIGTERM:\n{self.output()}") from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        try:
+            return super().stop(sig)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+            raise AssertionError(f"the site did not stop within 20 s of SIGTERM:\n{self.output()}") from None
 
 
 def stop_site(site: Site) -> None:
