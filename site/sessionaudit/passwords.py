@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import threading
 import time
 import unicodedata
 from collections.abc import Callable
@@ -21,7 +23,8 @@ from .config import Settings
 
 MAX_PASSWORD_BYTES = 1024
 _ZXCVBN_MAX = 72  # zxcvbn refuses longer input; the head of a long password is what guessing starts with
-MIN_GUESSES_LOG10 = 6  # below a million guesses: a common password, a keyboard walk, a repeat
+MIN_GUESSES_LOG10 = 6
+HASH_NICE = 19  # below a million guesses: a common password, a keyboard walk, a repeat
 
 T = TypeVar("T")
 
@@ -43,7 +46,8 @@ class Passwords:
             type=argon2.Type.ID,
         )
         self.threads = settings.hash_threads
-        self.executor = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="argon2")
+        self.executor = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="argon2",
+                                                              initializer=_lower_priority)
         self.waiting = 0  # calls submitted and not finished
         self.last_hash_seconds = 0.0
         # Verifying against this costs the same as verifying a real hash: an unknown email
@@ -109,6 +113,18 @@ class Passwords:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority() -> None:
+    """Run this hashing thread (and argon2's lane threads, which inherit it) at the lowest priority.
+
+    On a busy core the IOLoop thread then always comes first: a page never waits behind a hash;
+    logins take what CPU the pages leave. Linux keeps nice per thread.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)
+    except (OSError, AttributeError):
+        pass
 
 
 def password_problem(password: str, email: str, min_length: int) -> str | None:
