@@ -92,6 +92,24 @@ local function emit(now, ev)
   return id
 end
 
+-- A session's entry in the deadline index: what its `expired` event needs once the hash is gone.
+local function member_of(ref, s)  -- s: HMGET of u, c, x (in that order) from the session hash
+  return ref .. '|' .. s[1] .. '|' .. s[2] .. '|' .. s[3]
+end
+
+-- Address and user agent of a session: those of its login event (kept once, in the trail).
+local function login_origin(login_id)
+  local found = redis.call('XRANGE', 'audit:log', login_id, login_id)
+  local ip, ua = '', ''
+  if #found == 1 then
+    local f = found[1][2]
+    for i = 1, #f, 2 do
+      if f[i] == 'i' then ip = f[i + 1] elseif f[i] == 'g' then ua = f[i + 1] end
+    end
+  end
+  return ip, ua
+end
+
 -- End a session's state (not its event): the caller has emitted the event already.
 local function drop_session(ref, uid, member)
   redis.call('DEL', 'sa:s:' .. ref)

@@ -25,6 +25,9 @@ from . import events, keys
 
 # ARGV: now, ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email
 # Returns the user's email, or false when the account is gone or disabled.
+# The session hash holds only numbers (u uid, c created, l last seen, d deadline, x lifetime
+# deadline, k login event id): small enough for Redis's compact encoding. Address and user agent
+# are read from the login event when a page lists sessions.
 LOGIN = r"""
 local now, ref, uid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local idle, lifetime, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -34,29 +37,28 @@ if not user[1] or user[2] == '1' then return false end
 local email = user[1]
 local old = nil
 if old_ref ~= '' then
-  old = redis.call('HMGET', 'sa:s:' .. old_ref, 'u', 'd', 'm')
+  old = redis.call('HMGET', 'sa:s:' .. old_ref, 'u', 'c', 'x', 'd')
   if not old[1] then old = nil end
 end
 -- Events first: the browser's previous session ends, then the new one begins.
 if old then
-  local odl = tonumber(old[2])
+  local odl = tonumber(old[4])
   if now >= odl then
-    expire_member(now, old[3], odl)
+    expire_member(now, member_of(old_ref, old), odl)
   else
     local oemail = redis.call('HGET', 'sa:user:' .. old[1], 'email') or ''
     emit(now, {t = 'logout', u = old[1], e = oemail, s = old_ref, i = ip, g = ua})
-    drop_session(old_ref, old[1], old[3])
+    drop_session(old_ref, old[1], member_of(old_ref, old))
   end
 end
-emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua})
-local lifetime_dl = now + lifetime
-local deadline = math.min(now + idle, lifetime_dl)
-local member = ref .. '|' .. uid .. '|' .. ARGV[1] .. '|' .. string.format('%.0f', lifetime_dl)
+local login_id = emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua})
+local lifetime_dl = string.format('%.0f', now + lifetime)
+local deadline = math.min(now + idle, now + lifetime)
 local key = 'sa:s:' .. ref
-redis.call('HSET', key, 'u', uid, 'e', email, 'c', ARGV[1], 'l', ARGV[1], 'd', string.format('%.0f', deadline),
-           'x', string.format('%.0f', lifetime_dl), 'm', member, 'i', ip, 'g', ua)
+redis.call('HSET', key, 'u', uid, 'c', ARGV[1], 'l', ARGV[1], 'd', string.format('%.0f', deadline),
+           'x', lifetime_dl, 'k', login_id)
 redis.call('PEXPIRE', key, deadline - now + slack)
-redis.call('ZADD', 'sa:deadlines', deadline, member)
+redis.call('ZADD', 'sa:deadlines', deadline, member_of(ref, {uid, ARGV[1], lifetime_dl}))
 redis.call('SADD', 'sa:us:' .. uid, ref)
 if ARGV[10] ~= '' and user[3] == ARGV[11] then
   redis.call('HSET', 'sa:user:' .. uid, 'hash', ARGV[10])
@@ -68,31 +70,32 @@ return email
 # The hot path: one round trip per authenticated request.
 # ARGV: now, ref, idle_ms, slack_ms, with_sessions ('1' or '0')
 # Returns false (no such session, or it just expired and was recorded), or
-# {uid, email, admin, created, last, ip, ua, [ref, created, last, ip, ua]...}
+# {uid, email, admin, created, last, [ref, created, last, ip, ua]...}
 TOUCH = r"""
 local now, ref, idle, slack = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local key = 'sa:s:' .. ref
-local s = redis.call('HMGET', key, 'u', 'c', 'l', 'd', 'x', 'm', 'i', 'g')
+local s = redis.call('HMGET', key, 'u', 'c', 'x', 'd')
 if not s[1] then return false end
 local deadline = tonumber(s[4])
 if now >= deadline then
-  expire_member(now, s[6], deadline)
+  expire_member(now, member_of(ref, s), deadline)
   return false
 end
 local uid = s[1]
 local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'admin', 'disabled')
 if not user[1] or user[3] == '1' then return false end
-local new_deadline = math.min(now + idle, tonumber(s[5]))
+local new_deadline = math.min(now + idle, tonumber(s[3]))
 redis.call('HSET', key, 'l', ARGV[1], 'd', string.format('%.0f', new_deadline))
 redis.call('PEXPIRE', key, new_deadline - now + slack)
-redis.call('ZADD', 'sa:deadlines', new_deadline, s[6])
-local out = {uid, user[1], user[2], s[2], ARGV[1], s[7], s[8]}
+redis.call('ZADD', 'sa:deadlines', new_deadline, member_of(ref, s))
+local out = {uid, user[1], user[2], s[2], ARGV[1]}
 if ARGV[5] == '1' then
   for _, other in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
-    local o = redis.call('HMGET', 'sa:s:' .. other, 'c', 'l', 'i', 'g', 'd')
-    if o[1] and tonumber(o[5]) > now then
+    local o = redis.call('HMGET', 'sa:s:' .. other, 'c', 'l', 'd', 'k')
+    if o[1] and tonumber(o[3]) > now then
+      local ip, ua = login_origin(o[4])
       out[#out + 1] = other; out[#out + 1] = o[1]; out[#out + 1] = o[2]
-      out[#out + 1] = o[3]; out[#out + 1] = o[4]
+      out[#out + 1] = ip; out[#out + 1] = ua
     end
   end
 end
@@ -113,16 +116,16 @@ return {s[1], user[1] or '0'}
 # Returns 'ended', 'expired' (its deadline had passed: recorded as expired instead) or false.
 END = r"""
 local now, ref = tonumber(ARGV[1]), ARGV[2]
-local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'e', 'd', 'm')
+local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'c', 'x', 'd')
 if not s[1] or (ARGV[8] ~= '' and s[1] ~= ARGV[8]) then return false end
-local deadline = tonumber(s[3])
+local deadline = tonumber(s[4])
 if now >= deadline then
-  expire_member(now, s[4], deadline)
+  expire_member(now, member_of(ref, s), deadline)
   return 'expired'
 end
-local email = redis.call('HGET', 'sa:user:' .. s[1], 'email') or s[2]
+local email = redis.call('HGET', 'sa:user:' .. s[1], 'email') or ''
 emit(now, {t = ARGV[3], u = s[1], e = email, s = ref, r = ARGV[4], c = ARGV[5], i = ARGV[6], g = ARGV[7]})
-drop_session(ref, s[1], s[4])
+drop_session(ref, s[1], member_of(ref, s))
 return 'ended'
 """
 
@@ -137,14 +140,14 @@ if not email then return -1 end
 local ended = 0
 for _, ref in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
   if ref ~= ARGV[7] then
-    local s = redis.call('HMGET', 'sa:s:' .. ref, 'd', 'm')
+    local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'c', 'x', 'd')
     if not s[1] then
       redis.call('SREM', 'sa:us:' .. uid, ref)
-    elseif now >= tonumber(s[1]) then
-      expire_member(now, s[2], tonumber(s[1]))
+    elseif now >= tonumber(s[4]) then
+      expire_member(now, member_of(ref, s), tonumber(s[4]))
     else
       emit(now, {t = 'revoked', u = uid, e = email, s = ref, r = ARGV[3], c = ARGV[4], i = ARGV[5], g = ARGV[6]})
-      drop_session(ref, uid, s[2])
+      drop_session(ref, uid, member_of(ref, s))
       ended = ended + 1
     end
   end
@@ -153,9 +156,31 @@ if ARGV[8] ~= '' then redis.call('HSET', 'sa:user:' .. uid, ARGV[8], ARGV[9]) en
 return ended
 """
 
-# Give the current session a new ref (after a password change) without ending it: the
-# session's story goes on under the new ref, which the old cookie no longer reaches.
-# Not used for login, where the old session ends with its own event.
+# Live sessions for the admin list. ARGV: uid ('' for everyone's), offset, limit.
+# Returns {more, ref, uid, email, created, last, deadline, ip, ua, ...}, latest deadline first
+# (everyone's: a page of the deadline index; one user's: all their sessions, sorted by the caller).
+LIST = r"""
+local uid, offset, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local refs, more = {}, 0
+if uid ~= '' then
+  refs = redis.call('SMEMBERS', 'sa:us:' .. uid)
+else
+  local members = redis.call('ZREVRANGE', 'sa:deadlines', offset, offset + limit)
+  if #members > limit then more = 1; members[#members] = nil end
+  for i, m in ipairs(members) do refs[i] = string.match(m, '^([^|]+)') end
+end
+local out = {more}
+local emails = {}
+for _, ref in ipairs(refs) do
+  local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'c', 'l', 'd', 'k')
+  if s[1] then
+    if emails[s[1]] == nil then emails[s[1]] = redis.call('HGET', 'sa:user:' .. s[1], 'email') or '' end
+    local ip, ua = login_origin(s[5])
+    for _, v in ipairs({ref, s[1], emails[s[1]], s[2], s[3], s[4], ip, ua}) do out[#out + 1] = v end
+  end
+end
+return out
+"""
 
 # Claim up to ARGV[2] sessions whose deadline is at or before ARGV[1]. Safe with any number of
 # processes: the script re-reads the index, so each entry is claimed (and recorded) once.
@@ -193,8 +218,6 @@ class Current:
     admin: bool
     created: int
     last_seen: int
-    ip: str
-    user_agent: str
     sessions: tuple[SessionView, ...] = ()
 
 
@@ -217,7 +240,7 @@ class SessionStore:
         self.lifetime_ms = lifetime * 1000
         self.slack_ms = slack * 1000
         self.scripts = keys.Scripts(redis, login=LOGIN, touch=TOUCH, end=END, end_all=END_ALL,
-                                    expire_due=EXPIRE_DUE, check=CHECK)
+                                    expire_due=EXPIRE_DUE, check=CHECK, list=LIST)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -260,10 +283,9 @@ class SessionStore:
         others = tuple(
             SessionView(ref=values[i], created=int(values[i + 1]), last_seen=int(values[i + 2]),
                         ip=values[i + 3], user_agent=values[i + 4])
-            for i in range(7, len(values), 5))
+            for i in range(5, len(values), 5))
         return Current(ref=ref, uid=values[0], email=values[1], admin=values[2] == "1", created=int(values[3]),
-                       last_seen=int(values[4]), ip=values[5], user_agent=values[6],
-                       sessions=tuple(sorted(others, key=lambda s: -s.last_seen)))
+                       last_seen=int(values[4]), sessions=tuple(sorted(others, key=lambda s: -s.last_seen)))
 
     async def still_admin(self, ref: str) -> bool:
         """Whether the session is live and its user an admin, without counting as activity."""
@@ -304,6 +326,17 @@ class SessionStore:
             if int(count) < batch:
                 return total, worst
 
+    async def list_live(self, *, uid: str | None = None, offset: int = 0,
+                        limit: int = 50) -> tuple[list[LiveSession], bool]:
+        """Live sessions, latest deadline (so latest activity) first: (page, whether more follow)."""
+        out = [_text(v) for v in await self.scripts.list(args=[uid or "", offset, limit])]
+        found = [LiveSession(out[i], out[i + 1], out[i + 2], int(out[i + 3]), int(out[i + 4]), int(out[i + 5]),
+                             out[i + 6], out[i + 7]) for i in range(1, len(out), 8)]
+        found.sort(key=lambda s: -s.deadline)
+        if uid is not None:
+            return found[offset:offset + limit], len(found) > offset + limit
+        return found, out[0] == "1"
+
     async def live_count(self) -> int:
         return await self.redis.zcard(keys.DEADLINES)
 
@@ -324,24 +357,3 @@ class LiveSession:
     deadline: int
     ip: str
     user_agent: str
-
-
-async def list_live(redis: aioredis.Redis, *, uid: str | None = None, offset: int = 0,
-                    limit: int = 50) -> tuple[list[LiveSession], bool]:
-    """Live sessions, latest deadline (so latest activity) first: (page, whether more follow)."""
-    if uid is not None:
-        refs = sorted(r.decode() for r in await redis.smembers(keys.USER_SESSIONS + uid))
-    else:
-        members = await redis.zrevrange(keys.DEADLINES, offset, offset + limit)
-        refs = [m.decode().split("|", 1)[0] for m in members]
-    async with redis.pipeline(transaction=False) as pipe:
-        for ref in refs:
-            pipe.hmget(keys.SESSION + ref, "u", "e", "c", "l", "d", "i", "g")
-        rows = await pipe.execute()
-    found = [LiveSession(ref, *(_text(v) for v in row[:2]), int(row[2]), int(row[3]), int(row[4]),  # type: ignore[arg-type]
-                         _text(row[5]), _text(row[6]))
-             for ref, row in zip(refs, rows, strict=True) if row[0] is not None]
-    found.sort(key=lambda s: -s.deadline)
-    if uid is not None:
-        return found[offset:offset + limit], len(found) > offset + limit
-    return found[:limit], len(refs) > limit

@@ -13,7 +13,6 @@ import tornado.web
 from .. import events, views
 from ..audit import BadQuery, Query
 from ..live import Follower, replay
-from ..sessions import list_live
 from .base import BaseHandler, admin, form, security_log
 
 EXPORT_CHUNK = 1000
@@ -186,7 +185,7 @@ class UserTimelineHandler(AdminHandler):
         q = self.query()
         page = await self.ctx.audit.page(Query(user=user.email, type=q.type, before=q.before, after=q.after,
                                                limit=q.limit))
-        live, _ = await list_live(self.ctx.redis, uid=uid, limit=1000)
+        live, _ = await self.ctx.sessions.list_live(uid=uid, limit=1000)
         recent = page.events if not (q.before or q.after) else []
         if not recent:
             recent = (await self.ctx.audit.page(Query(user=user.email, limit=200))).events
@@ -209,7 +208,7 @@ class SessionsHandler(AdminHandler):
         uid = None
         if email:
             uid = await self.ctx.audit.uid_for(email) or "-"
-        found, more = await list_live(self.ctx.redis, uid=uid, offset=offset, limit=self.PAGE)
+        found, more = await self.ctx.sessions.list_live(uid=uid, offset=offset, limit=self.PAGE)
         total = await self.ctx.sessions.live_count()
         self.render("admin_sessions.html", sessions=found, more=more, offset=offset, page_size=self.PAGE,
                     user=email, total=total)
