@@ -316,11 +316,15 @@ class SessionStore:
         return ended
 
     async def expire_due(self, now_ms: int | None = None, batch: int = 500) -> tuple[int, int]:
-        """Record `expired` for sessions whose deadline has passed: (how many, worst lag in ms)."""
-        now_ms = self.now_ms() if now_ms is None else now_ms
+        """Record `expired` for sessions whose deadline has passed: (how many, worst lag in ms).
+
+        Each batch reads the clock afresh (unless ``now_ms`` is given), so a long run's later
+        batches are stamped when they are really recorded.
+        """
         total, worst = 0, 0
         while True:
-            count, lag = await self.scripts.expire_due(args=[now_ms, batch])
+            now = self.now_ms() if now_ms is None else now_ms
+            count, lag = await self.scripts.expire_due(args=[now, batch])
             total += int(count)
             worst = max(worst, int(lag))
             if int(count) < batch:

@@ -18,7 +18,8 @@ from .sessions import SessionStore
 
 log = logging.getLogger("sessionaudit.sweeper")
 
-TRIM_EVERY = 60  # ticks between retention steps
+MIN_PAUSE = 0.1  # seconds: the sweeper never runs more often than this
+TRIM_EVERY = 60.0  # seconds between retention runs
 TRIM_STEPS = 10  # steps (of 500 events) per retention run: bounded work, Redis never blocked long
 
 
@@ -39,21 +40,21 @@ class Sweeper:
         self.on_reconnect = on_reconnect  # metrics hook: Redis is back after an outage
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._ticks = 0
+        self._last_trim: int | None = None
         self.failing = False
         self.runs = 0
 
     async def run_once(self) -> int:
         """Record every due expiry (and now and then a retention step); return how many expired."""
         now = int(self.clock() * 1000)
-        expired, lag = await self.sessions.expire_due(now)
+        expired, lag = await self.sessions.expire_due()
         if self.on_run:
             self.on_run(expired, lag)
-        if self.trim and self._ticks % TRIM_EVERY == 0:
+        if self.trim and (self._last_trim is None or now - self._last_trim >= TRIM_EVERY * 1000):
+            self._last_trim = now
             for _ in range(TRIM_STEPS):
                 if await self.audit.trim_step(now - self.retention_ms) == 0:
                     break
-        self._ticks += 1
         self.runs += 1
         return expired
 
@@ -90,9 +91,26 @@ class Sweeper:
             except Exception:
                 log.exception("sweeper: run failed")
             try:
-                await asyncio.wait_for(self._stopping.wait(), self.interval)
+                await asyncio.wait_for(self._stopping.wait(), await self._pause())
             except TimeoutError:
                 pass
+
+    async def _pause(self) -> float:
+        """Seconds until the next run: the interval, or less when a deadline falls due sooner.
+
+        Waking at the earliest deadline (but not more often than MIN_PAUSE) records a burst of
+        expiries as it happens instead of up to a whole interval later.
+        """
+        if self.failing:
+            return self.interval
+        try:
+            soonest = await self.sessions.oldest_deadline()
+        except (redis.exceptions.RedisError, OSError):
+            return self.interval
+        if soonest is None:
+            return self.interval
+        due_in = (soonest - self.clock() * 1000) / 1000
+        return min(self.interval, max(MIN_PAUSE, due_in))
 
 
 def _refused(error: Exception) -> bool:
