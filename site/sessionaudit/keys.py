@@ -22,8 +22,8 @@ LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
 USER_NEXT = "sa:user:next"
 EMAILS = "sa:emails"  # hash: normalized email -> uid
-SESSION = "sa:s:"  # + ref: hash u, e, c, l, d, x, m, i, g
-DEADLINES = "sa:deadlines"  # zset: "ref|uid|created|lifetime deadline" scored by deadline (ms)
+SESSION = "sa:s:"  # + ref: hash u (uid), c (created), l (last seen), d (deadline), x (lifetime deadline), k (login id)
+DEADLINES = "sa:deadlines"  # zset: session refs scored by deadline (ms)
 USER_SESSIONS = "sa:us:"  # + uid: set of live session refs
 STATS_HOUR = "sa:st:h:"  # + hour number: hash type -> count
 STATS_DAY = "sa:st:d:"  # + day number: hash type -> count
@@ -92,11 +92,6 @@ local function emit(now, ev)
   return id
 end
 
--- A session's entry in the deadline index: what its `expired` event needs once the hash is gone.
-local function member_of(ref, s)  -- s: HMGET of u, c, x (in that order) from the session hash
-  return ref .. '|' .. s[1] .. '|' .. s[2] .. '|' .. s[3]
-end
-
 -- Address and user agent of a session: those of its login event (kept once, in the trail).
 local function login_origin(login_id)
   local found = redis.call('XRANGE', 'audit:log', login_id, login_id)
@@ -118,13 +113,29 @@ local function drop_session(ref, uid, member)
 end
 
 -- Claim a session whose deadline has passed: `expired` at the deadline, reason idle/lifetime.
-local function expire_member(now, member, deadline)
-  local ref, uid, created, lifetime_dl = string.match(member, '^([^|]+)|([^|]*)|(%d+)|(%d+)$')
+-- The hash outlives its deadline by the TTL's slack; after longer downtime its login event
+-- (found through sa:sessev) tells the user and, with `lifetime` (ms), the lifetime deadline.
+local function expire_member(now, ref, deadline, lifetime)
+  local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'x')
+  local uid, lifetime_dl = s[1], tonumber(s[2])
+  if not uid then
+    uid = ''
+    local ids = redis.call('HGET', 'sa:sessev', ref)
+    local login = ids and string.match(ids, '^(%S+)')
+    local found = login and redis.call('XRANGE', 'audit:log', login, login) or {}
+    if #found == 1 then
+      local f, at = found[1][2], tonumber(string.match(login, '^(%d+)'))
+      for i = 1, #f, 2 do
+        if f[i] == 'u' then uid = f[i + 1] elseif f[i] == 'a' and f[i + 1] ~= '' then at = tonumber(f[i + 1]) end
+      end
+      if lifetime then lifetime_dl = at + lifetime end
+    end
+  end
   local reason = 'idle'
-  if deadline >= tonumber(lifetime_dl) then reason = 'lifetime' end
-  local email = redis.call('HGET', 'sa:user:' .. uid, 'email') or ''
-  emit(now, {t = 'expired', a = deadline, u = uid, e = email, s = ref, r = reason})
-  drop_session(ref, uid, member)
+  if lifetime_dl and deadline >= lifetime_dl then reason = 'lifetime' end
+  local email = uid ~= '' and redis.call('HGET', 'sa:user:' .. uid, 'email') or ''
+  emit(now, {t = 'expired', a = deadline, u = uid, e = email or '', s = ref, r = reason})
+  drop_session(ref, uid, ref)
   return ref
 end
 """

@@ -4,9 +4,10 @@ The cookie carries a random 256-bit session id. Redis never sees it: every key, 
 audit event names the session by its *ref*, an HMAC of the id under the session secret, which
 cannot be turned back into the id.
 
-A session is a hash ``sa:s:<ref>`` with a TTL a little past its deadline (a backstop only), an
-entry in the deadline index ``sa:deadlines`` (scored by deadline, and carrying what the
-`expired` event needs once the hash is gone), and a member of its user's set ``sa:us:<uid>``.
+A session is a hash ``sa:s:<ref>`` of numbers with a TTL a little past its deadline (a backstop
+only), its ref in the deadline index ``sa:deadlines`` (scored by deadline), and a member of its
+user's set ``sa:us:<uid>``. Its address and user agent are those of its login event; once the
+hash is gone (downtime), the login event also tells the sweeper whose session it was.
 Deadlines are enforced by the scripts against the ``now`` they are given, never by the TTL.
 """
 
@@ -44,11 +45,11 @@ end
 if old then
   local odl = tonumber(old[4])
   if now >= odl then
-    expire_member(now, member_of(old_ref, old), odl)
+    expire_member(now, old_ref, odl)
   else
     local oemail = redis.call('HGET', 'sa:user:' .. old[1], 'email') or ''
     emit(now, {t = 'logout', u = old[1], e = oemail, s = old_ref, i = ip, g = ua})
-    drop_session(old_ref, old[1], member_of(old_ref, old))
+    drop_session(old_ref, old[1], old_ref)
   end
 end
 local login_id = emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua})
@@ -58,7 +59,7 @@ local key = 'sa:s:' .. ref
 redis.call('HSET', key, 'u', uid, 'c', ARGV[1], 'l', ARGV[1], 'd', string.format('%.0f', deadline),
            'x', lifetime_dl, 'k', login_id)
 redis.call('PEXPIRE', key, deadline - now + slack)
-redis.call('ZADD', 'sa:deadlines', deadline, member_of(ref, {uid, ARGV[1], lifetime_dl}))
+redis.call('ZADD', 'sa:deadlines', deadline, ref)
 redis.call('SADD', 'sa:us:' .. uid, ref)
 if ARGV[10] ~= '' and user[3] == ARGV[11] then
   redis.call('HSET', 'sa:user:' .. uid, 'hash', ARGV[10])
@@ -78,7 +79,7 @@ local s = redis.call('HMGET', key, 'u', 'c', 'x', 'd')
 if not s[1] then return false end
 local deadline = tonumber(s[4])
 if now >= deadline then
-  expire_member(now, member_of(ref, s), deadline)
+  expire_member(now, ref, deadline)
   return false
 end
 local uid = s[1]
@@ -87,7 +88,7 @@ if not user[1] or user[3] == '1' then return false end
 local new_deadline = math.min(now + idle, tonumber(s[3]))
 redis.call('HSET', key, 'l', ARGV[1], 'd', string.format('%.0f', new_deadline))
 redis.call('PEXPIRE', key, new_deadline - now + slack)
-redis.call('ZADD', 'sa:deadlines', new_deadline, member_of(ref, s))
+redis.call('ZADD', 'sa:deadlines', new_deadline, ref)
 local out = {uid, user[1], user[2], s[2], ARGV[1]}
 if ARGV[5] == '1' then
   for _, other in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
@@ -120,12 +121,12 @@ local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'c', 'x', 'd')
 if not s[1] or (ARGV[8] ~= '' and s[1] ~= ARGV[8]) then return false end
 local deadline = tonumber(s[4])
 if now >= deadline then
-  expire_member(now, member_of(ref, s), deadline)
+  expire_member(now, ref, deadline)
   return 'expired'
 end
 local email = redis.call('HGET', 'sa:user:' .. s[1], 'email') or ''
 emit(now, {t = ARGV[3], u = s[1], e = email, s = ref, r = ARGV[4], c = ARGV[5], i = ARGV[6], g = ARGV[7]})
-drop_session(ref, s[1], member_of(ref, s))
+drop_session(ref, s[1], ref)
 return 'ended'
 """
 
@@ -144,10 +145,10 @@ for _, ref in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
     if not s[1] then
       redis.call('SREM', 'sa:us:' .. uid, ref)
     elseif now >= tonumber(s[4]) then
-      expire_member(now, member_of(ref, s), tonumber(s[4]))
+      expire_member(now, ref, tonumber(s[4]))
     else
       emit(now, {t = 'revoked', u = uid, e = email, s = ref, r = ARGV[3], c = ARGV[4], i = ARGV[5], g = ARGV[6]})
-      drop_session(ref, uid, member_of(ref, s))
+      drop_session(ref, uid, ref)
       ended = ended + 1
     end
   end
@@ -185,13 +186,13 @@ return out
 # Claim up to ARGV[2] sessions whose deadline is at or before ARGV[1]. Safe with any number of
 # processes: the script re-reads the index, so each entry is claimed (and recorded) once.
 EXPIRE_DUE = r"""
-local now, batch = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, batch, lifetime = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', 'sa:deadlines', '-inf', now, 'WITHSCORES', 'LIMIT', 0, batch)
 local lag = 0
 for i = 1, #due, 2 do
   local deadline = tonumber(due[i + 1])
   if now - deadline > lag then lag = now - deadline end
-  expire_member(now, due[i], deadline)
+  expire_member(now, due[i], deadline, lifetime)
 end
 return {#due / 2, lag}
 """
@@ -324,7 +325,7 @@ class SessionStore:
         total, worst = 0, 0
         while True:
             now = self.now_ms() if now_ms is None else now_ms
-            count, lag = await self.scripts.expire_due(args=[now, batch])
+            count, lag = await self.scripts.expire_due(args=[now, batch, self.lifetime_ms])
             total += int(count)
             worst = max(worst, int(lag))
             if int(count) < batch:
