@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "site"))
 
 from sessionaudit import keys  # noqa: E402
 from sessionaudit.app import make_app  # noqa: E402
+from sessionaudit.audit import with_agents  # noqa: E402
 from sessionaudit.config import Settings  # noqa: E402
 from sessionaudit.events import Event  # noqa: E402
 from sessionaudit.redis_server import RedisServer  # noqa: E402
@@ -178,8 +179,8 @@ async def serving(app: Any, **server_options: Any) -> Any:
 
 
 async def read_events(rdb: aioredis.Redis) -> list[Event]:
-    """The whole audit stream, oldest first."""
-    return [Event.from_entry(i, f) for i, f in await rdb.xrange(keys.AUDIT)]
+    """The whole audit stream, oldest first (user agents filled in from their dictionary)."""
+    return await with_agents(rdb, [Event.from_entry(i, f) for i, f in await rdb.xrange(keys.AUDIT)])
 
 
 async def make_admin(rdb: aioredis.Redis, email: str) -> None:

@@ -117,7 +117,11 @@ def app(settings: Any, site: aioredis.Redis, clock: Any) -> Any:
 
 
 async def _audit_snapshot(admin: aioredis.Redis) -> dict[bytes, list[Any]]:
-    return {key: await admin.xrange(key) for key in sorted(await admin.keys("audit:*"))}
+    snapshot: dict[bytes, Any] = {}
+    for key in sorted(await admin.keys("audit:*")):
+        kind = await admin.type(key)
+        snapshot[key] = await (admin.xrange(key) if kind == b"stream" else admin.hgetall(key))
+    return snapshot
 
 
 async def test_site_works_as_the_append_only_user(browser: Browser, new_browser: Any, app: Any, site: aioredis.Redis,
@@ -161,6 +165,8 @@ async def test_site_user_cannot_delete_trim_or_overwrite_the_audit_trail(browser
         ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "maxmemory"), ("CONFIG", "SET", "appendonly", "no"),
         ("KEYS", "*"), ("SCAN", "0"), ("SWAPDB", "0", "1"), ("ACL", "LIST"), ("SCRIPT", "FLUSH"),
         ("FUNCTION", "FLUSH"), ("BGREWRITEAOF",), ("MONITOR",),
+        # The user-agent dictionary: entries can be added (HSETNX), never changed or removed.
+        ("HSET", keys.AGENTS, "k", "v"), ("HDEL", keys.AGENTS, "k"), ("DEL", keys.AGENTS),
     ]
     for command in refused:
         with pytest.raises(NoPermissionError):

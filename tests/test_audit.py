@@ -54,6 +54,9 @@ async def test_every_event_type_with_its_fields(browser: Browser, new_browser, r
     login = by_type["login"][1]
     assert login.user == "u@example.com" and login.ip == "127.0.0.1" and "Firefox" in login.user_agent
     assert login.session and len(login.session) == 22 and login.reason is None
+    # The stream names a user agent by a key into the dictionary; readers put the text back.
+    raw = (await rdb.xrange(keys.AUDIT, login.id, login.id))[0][1][b"g"]
+    assert re.fullmatch(rb"[0-9a-f]{12}", raw) and (await rdb.hget(keys.AGENTS, raw)).decode() == login.user_agent
     assert by_type["login_failed"][0].reason == "bad_credentials" and by_type["login_failed"][0].session is None
     assert len(by_type["locked_out"]) == 1
     expired = by_type["expired"][0]

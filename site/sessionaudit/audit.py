@@ -54,6 +54,9 @@ while found < want and scanned < budget do
       if at < since or at > untl then keep = false end
     end
     if keep then
+      for i = 1, #fields, 2 do
+        if fields[i] == 'g' then fields[i + 1] = agent(fields[i + 1]) end
+      end
       out[#out + 1] = e[1]; out[#out + 1] = fields
       found = found + 1
       if found >= want then break end
@@ -266,7 +269,7 @@ class AuditLog:
             for entry_id in ids.decode().split():
                 pipe.xrange(keys.AUDIT, entry_id, entry_id)
             replies = await pipe.execute()
-        return [Event.from_entry(r[0][0], r[0][1]) for r in replies if r]
+        return await with_agents(self.redis, [Event.from_entry(r[0][0], r[0][1]) for r in replies if r])
 
     async def trim_step(self, cutoff_ms: int, batch: int = 500) -> int:
         """Remove up to ``batch`` events older than ``cutoff_ms`` (and their index entries)."""
@@ -316,6 +319,16 @@ class AuditLog:
         for ref in sorted(open_refs - live):
             summary.problems.append(f"session {ref} has a login and no end, but is not live in Redis")
         return summary
+
+
+async def with_agents(redis: aioredis.Redis, found: list[Event]) -> list[Event]:
+    """Events read straight from the stream name their user agent by key (keys.AGENTS): fill in the text."""
+    wanted = sorted({e.user_agent for e in found if e.user_agent})
+    if not wanted:
+        return found
+    texts = dict(zip(wanted, await redis.hmget(keys.AGENTS, wanted), strict=True))
+    return [dataclasses.replace(e, user_agent=(texts[e.user_agent] or b"").decode() or None) if e.user_agent else e
+            for e in found]
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 AUDIT = "audit:log"  # the stream: source of truth
 AUDIT_USER = "audit:u:"  # + uid: stream of ids of that user's events, field t = type
 AUDIT_TYPE = "audit:t:"  # + type: stream of ids of events of that type
+AGENTS = "audit:ua"  # hash: 12 hex digits of SHA-1 -> user agent; events store the digits (written once)
 SESSION_EVENTS = "sa:sessev"  # hash: session ref -> space-separated event ids
 LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
@@ -50,12 +51,34 @@ local function next_id(now)
   return string.format('%.0f-%.0f', ms, seq), ms
 end
 
+-- User agents repeat across events: each is stored once, events name it by 12 hex digits of
+-- its SHA-1 (HSETNX: an entry, once written, never changes).
+local function intern_agent(ua)
+  if not ua or ua == '' then return '' end
+  local key = string.sub(redis.sha1hex(ua), 1, 12)
+  redis.call('HSETNX', 'audit:ua', key, ua)
+  return key
+end
+
+local agent_cache = {}
+local function agent(key)
+  if not key or key == '' then return '' end
+  local ua = agent_cache[key]
+  if ua == nil then
+    ua = redis.call('HGET', 'audit:ua', key) or ''
+    agent_cache[key] = ua
+  end
+  return ua
+end
+
 -- ev: table with keys t, a, u, e, s, i, g, r, c (strings or numbers; nil for absent).
 local function emit(now, ev)
   local id, ms = next_id(now)
   local at = tonumber(ev.a) or now
   if at == ms then ev.a = nil else ev.a = string.format('%.0f', at) end
   ev.v = '1'
+  -- Before the XADD: should the XADD fail, an unused dictionary entry is all that is left.
+  ev.g = intern_agent(ev.g)
   local args = {'XADD', 'audit:log', id}
   for _, f in ipairs(FIELDS) do
     args[#args + 1] = f
@@ -99,7 +122,7 @@ local function login_origin(login_id)
   if #found == 1 then
     local f = found[1][2]
     for i = 1, #f, 2 do
-      if f[i] == 'i' then ip = f[i + 1] elseif f[i] == 'g' then ua = f[i + 1] end
+      if f[i] == 'i' then ip = f[i + 1] elseif f[i] == 'g' then ua = agent(f[i + 1]) end
     end
   end
   return ip, ua

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from . import keys
-from .audit import Query
+from .audit import Query, with_agents
 from .events import Event
 
 log = logging.getLogger("sessionaudit.live")
@@ -129,8 +129,8 @@ class LiveHub:
                     log.warning("live follow: Redis is reachable again")
                     failing = False
                 for _stream, entries in reply or []:
-                    for entry_id, fields in entries:
-                        event = Event.from_entry(entry_id, fields)
+                    batch = await with_agents(self.redis, [Event.from_entry(i, f) for i, f in entries])
+                    for event in batch:
                         self.last_id = event.id
                         for follower in list(self.followers):
                             follower.offer(event)
@@ -153,8 +153,7 @@ async def replay(redis: aioredis.Redis, after: str, query: Query, until_id: str 
     end = until_id or "+"
     while True:
         entries = await redis.xrange(keys.AUDIT, cursor, end, count=chunk)
-        for entry_id, fields in entries:
-            event = Event.from_entry(entry_id, fields)
+        for event in await with_agents(redis, [Event.from_entry(i, f) for i, f in entries]):
             if matches(query, event):
                 yield event
         if len(entries) < chunk:
