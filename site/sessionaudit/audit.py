@@ -8,10 +8,12 @@ the scan bound returns its cursor, so "Older" goes on from there.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -259,6 +261,46 @@ class AuditLog:
                 yield found
             if exhausted or cursor is None:
                 return
+
+    async def export(self, q: Query, chunk: int = 5000) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every matching event in its exported form, newest first, a chunk at a time.
+
+        Without a user or type filter it reads the stream itself, fetching the next chunk while
+        this one is formatted and sent, and looks each user agent up once.
+        """
+        if q.user or q.type:
+            async for found in self.iterate(q, chunk):
+                yield [e.to_json() for e in found]
+            return
+        since = q.since if q.since is not None else 0
+        until = q.until if q.until is not None else 2**52
+        start = f"({q.before}" if q.before else "+"
+        if q.until is not None and (not q.before or events.id_ms(q.before) > until + UNTIL_GRACE_MS):
+            start = str(until + UNTIL_GRACE_MS)
+        bound = str(since) if q.since is not None else "-"
+        agents: dict[bytes, str | None] = {}
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Task[Any] | None = loop.create_task(
+            self.redis.xrevrange(keys.AUDIT, start, bound, count=chunk))
+        try:
+            while pending is not None:
+                entries = [(i.decode(), f) for i, f in await pending]
+                pending = None
+                if len(entries) == chunk:  # the next chunk is read while this one is sent
+                    pending = loop.create_task(
+                        self.redis.xrevrange(keys.AUDIT, "(" + entries[-1][0], bound, count=chunk))
+                if q.since is not None or q.until is not None:
+                    entries = [(i, f) for i, f in entries if since <= events.entry_at(i, f) <= until]
+                missing = list({f[b"g"] for _, f in entries if f.get(b"g")} - agents.keys())
+                if missing:
+                    if len(agents) > 50_000:  # bounded memory, whatever the export's size
+                        agents.clear()
+                    texts = await self.redis.hmget(keys.AGENTS, missing)
+                    agents.update((k, v.decode() if v else None) for k, v in zip(missing, texts, strict=True))
+                yield [events.export_row(i, f, agents.get(f.get(b"g", b""))) for i, f in entries]
+        finally:
+            if pending is not None:
+                pending.cancel()
 
     async def session_events(self, ref: str) -> list[Event]:
         """A session's timeline: its login and its end, oldest first."""

@@ -7,6 +7,7 @@ An event is appended to the stream ``audit:log`` by the Lua scripts that change 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,8 +121,29 @@ CSV_COLUMNS = ("id", "type", "at", "user", "session", "ip", "user_agent", "reaso
 
 def iso_ms(ms: int) -> str:
     """UTC milliseconds → ``2026-11-28T16:35:50.123Z``."""
-    moment = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_second(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def entry_at(entry_id: str, f: dict[bytes, bytes]) -> int:
+    """An entry's `at` (ms): its own field when written (an expiry's deadline), else the id's time."""
+    a = f.get(b"a")
+    return int(a) if a else int(entry_id.partition("-")[0])
+
+
+def export_row(entry_id: str, f: dict[bytes, bytes], user_agent: str | None) -> dict[str, Any]:
+    """The exported form straight from a stream entry: Event.to_json without building an Event."""
+    def text(key: bytes) -> str | None:
+        value = f.get(key)
+        return value.decode() if value else None
+
+    return {"id": entry_id, "type": text(b"t"), "at": iso_ms(entry_at(entry_id, f)), "user": text(b"e"),
+            "session": text(b"s"), "ip": text(b"i"), "user_agent": user_agent, "reason": text(b"r"),
+            "actor": text(b"c")}
 
 
 def parse_iso(text: str) -> int:

@@ -15,7 +15,12 @@ from ..audit import BadQuery, Query
 from ..live import Follower, replay
 from .base import BaseHandler, admin, form, security_log
 
-EXPORT_CHUNK = 1000
+EXPORT_CHUNK = 5000
+_ndjson_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _ndjson(row: dict[str, object]) -> str:
+    return _ndjson_encoder.encode(row) + "\n"
 
 
 class AdminHandler(BaseHandler):
@@ -67,20 +72,19 @@ class AuditExportHandler(AdminHandler):
         if self.fmt == "csv":
             self.write(",".join(events.CSV_COLUMNS) + "\r\n")
         try:
-            async for chunk in self.ctx.audit.iterate(q, EXPORT_CHUNK):
+            async for chunk in self.ctx.audit.export(q, EXPORT_CHUNK):
                 self.write(self._format(chunk))
                 await self.flush()
         except tornado.iostream.StreamClosedError:
             return  # the client went away: stop reading Redis
         self.finish()
 
-    def _format(self, chunk: list[events.Event]) -> str:
+    def _format(self, chunk: list[dict[str, object]]) -> str:
         if self.fmt == "ndjson":
-            return "".join(json.dumps(e.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n" for e in chunk)
+            return "".join(map(_ndjson, chunk))
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        for e in chunk:
-            row = e.to_json()
+        for row in chunk:
             writer.writerow([_csv_safe(row[c]) for c in events.CSV_COLUMNS])
         return buffer.getvalue()
 
