@@ -60,6 +60,7 @@ class Context:
         # The signed cookie has its own expiry check; the session's lifetime is the real limit.
         self.cookie_max_age_days = max(1, settings.session_lifetime // 86400 + 1)
         self.in_flight = 0
+        self.static_urls: dict[str, str] = {}  # versioned URLs of static files, filled on first use
         self._idle: asyncio.Event | None = None
         self.append_only = False
 

@@ -12,9 +12,12 @@ from .events import iso_ms
 
 def utc(ms: int | None) -> str:
     """``2026-11-28 16:35:50 UTC``."""
-    if not ms:
-        return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return _utc_second(ms // 1000) if ms else ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _utc_second(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def ago(ms: int | None, now_ms: int) -> str:

@@ -192,10 +192,17 @@ class BaseHandler(tornado.web.RequestHandler):
             "handler": self,
             "request": self.request,
             "current": self.current,
-            "static_url": self.static_url,
+            "static_url": self._static_url,
             "xsrf_form_html": self._xsrf_field,
             "now_ms": self.now_ms(),
         }
+
+    def _static_url(self, path: str) -> str:
+        """``static_url`` with its versioned URL worked out once per process (files do not change)."""
+        urls = self.ctx.static_urls
+        if path not in urls:
+            urls[path] = self.static_url(path)
+        return urls[path]
 
     def _xsrf_field(self) -> Markup:
         """The hidden XSRF field, built once per request however many forms the page has."""
