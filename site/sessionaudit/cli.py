@@ -320,6 +320,12 @@ async def audit_command(url: str, action: str, settings: Settings) -> int:
         audit = AuditLog(client)
         if action == "verify":
             summary = await audit.verify()
+            if settings.log_format == "json":
+                print(json.dumps({"events": summary.events, "by_type": dict(summary.by_type),
+                                  "sessions": summary.sessions, "open_sessions": summary.open_sessions,
+                                  "live_sessions": summary.live_sessions, "problems": summary.problems,
+                                  "ok": not summary.problems}))
+                return 1 if summary.problems else 0
             print(f"events: {summary.events}")
             for kind, count in sorted(summary.by_type.items()):
                 print(f"  {kind}: {count}")
@@ -333,7 +339,7 @@ async def audit_command(url: str, action: str, settings: Settings) -> int:
             print("ok: every session has one login and at most one end, after it; live sessions match")
             return 0
         if settings.audit_retention_days <= 0:
-            print("audit_retention_days is 0: nothing to trim")
+            say(settings, "audit_retention_days is 0: nothing to trim", trimmed=0)
             return 0
         cutoff = int(time.time() * 1000) - settings.audit_retention_days * 86_400_000
         total = 0
@@ -343,13 +349,18 @@ async def audit_command(url: str, action: str, settings: Settings) -> int:
             if removed == 0:
                 break
             await asyncio.sleep(0.01)  # let other clients in between steps
-        print(f"trimmed {total} event(s) older than {settings.audit_retention_days} days")
+        say(settings, f"trimmed {total} event(s) older than {settings.audit_retention_days} days", trimmed=total)
         return 0
     finally:
         await client.aclose()
 
 
 # -- main -----------------------------------------------------------------------------
+
+def say(settings: Settings, text: str, **fields: Any) -> None:
+    """A command's result on stdout: a line of text, or one JSON object with --log-format=json."""
+    print(json.dumps({"message": text, **fields}) if settings.log_format == "json" else text)
+
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     environ = dict(os.environ if environ is None else environ)
@@ -368,7 +379,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         finally:
             flush_logs()
     except UsageError as e:
-        print(f"server.py: error: {e}", file=sys.stderr)
+        if "--log-format=json" in (argv or sys.argv) or environ.get("LOG_FORMAT") == "json":
+            print(json.dumps({"level": "error", "message": str(e)}), file=sys.stderr)
+        else:
+            print(f"server.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
@@ -384,7 +398,8 @@ def _run(ns: argparse.Namespace, settings: Settings) -> int:
         if ns.command == "create-user":
             password = read_password(sys.stdin)
             uid = asyncio.run(create_user(settings, url, ns.email, ns.admin, password))
-            print(f"created user {uid} ({'admin' if ns.admin else 'not admin'})")
+            say(settings, f"created user {uid} ({'admin' if ns.admin else 'not admin'})", created_user=uid,
+                admin=ns.admin)
             return 0
         return asyncio.run(audit_command(url, ns.action, settings))
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
