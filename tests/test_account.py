@@ -17,7 +17,7 @@ NEW_PASSWORD = "a completely different passphrase"
 
 
 def session_refs(body: bytes) -> list[str]:
-    return [m.decode() for m in re.findall(rb"/sessions/([A-Za-z0-9_-]{22})/revoke", body)]
+    return [m.decode() for m in re.findall(rb"/sessions/([A-Za-z0-9_-]{16})/revoke", body)]
 
 
 async def test_two_browsers_see_and_end_each_other(browser: Browser, new_browser, rdb) -> None:

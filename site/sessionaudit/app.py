@@ -94,7 +94,7 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
         raise ValueError("settings need cookie_secret and session_secret (config.load_secrets)")
     ctx = Context(settings, redis, clock)
     views.warm_up()
-    ref = r"([A-Za-z0-9_-]{22})"
+    ref = r"([A-Za-z0-9_-]{16})"
     routes: list[Any] = [
         (r"/", public.HomeHandler),
         (r"/healthz", public.HealthHandler),

@@ -28,7 +28,7 @@ LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
 USER_NEXT = "sa:user:next"
 EMAILS = "sa:emails"  # hash: normalized email -> uid
-SESSION = "sa:s:"  # + ref: hash u (uid), c (created), l (last seen), d (deadline), x (lifetime deadline), k (login id)
+SESSION = "sa:s:"  # + ref: hash u (uid), l (last seen), x (lifetime deadline); the deadline is its index score
 DEADLINES = "sa:deadlines"  # zset: session refs scored by deadline (ms)
 USER_SESSIONS = "sa:us:"  # + uid: set of live session refs
 STATS_HOUR = "sa:st:h:"  # + hour number: hash type -> count
@@ -120,17 +120,29 @@ local function emit(now, ev)
   return id
 end
 
--- Address and user agent of a session: those of its login event (kept once, in the trail).
-local function login_origin(login_id)
-  local found = redis.call('XRANGE', 'audit:log', login_id, login_id)
-  local ip, ua = '', ''
+-- When, from where and with what a session began: its login event (the first id in sa:sessev),
+-- so the session hash need not repeat it. Returns created (ms), ip, user agent.
+local function login_of(ref)
+  local ids = redis.call('HGET', 'sa:sessev', ref)
+  local login = ids and string.match(ids, '^(%S+)')
+  if not login then return 0, '', '' end
+  local created, ip, ua = tonumber(string.match(login, '^(%d+)')), '', ''
+  local found = redis.call('XRANGE', 'audit:log', login, login)
   if #found == 1 then
     local f = found[1][2]
     for i = 1, #f, 2 do
-      if f[i] == 'i' then ip = f[i + 1] elseif f[i] == 'g' then ua = agent(f[i + 1]) end
+      if f[i] == 'i' then ip = f[i + 1]
+      elseif f[i] == 'g' then ua = agent(f[i + 1])
+      elseif f[i] == 'a' and f[i + 1] ~= '' then created = tonumber(f[i + 1]) end
     end
   end
-  return ip, ua
+  return created, ip, ua
+end
+
+-- A live session's deadline: its score in the deadline index (false when it has none).
+local function deadline_of(ref)
+  local score = redis.call('ZSCORE', 'sa:deadlines', ref)
+  return score and tonumber(score)
 end
 
 -- End a session's state (not its event): the caller has emitted the event already.

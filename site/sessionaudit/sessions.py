@@ -26,9 +26,8 @@ from . import events, keys
 
 # ARGV: now, ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email
 # Returns the user's email, or false when the account is gone or disabled.
-# The session hash holds only numbers (u uid, c created, l last seen, d deadline, x lifetime
-# deadline, k login event id): small enough for Redis's compact encoding. Address and user agent
-# are read from the login event when a page lists sessions.
+# The session hash holds three numbers (u uid, l last seen, x lifetime deadline): its deadline is
+# its score in the deadline index, and when, where from and with what it began is its login event.
 LOGIN = r"""
 local now, ref, uid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local idle, lifetime, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -36,28 +35,22 @@ local ip, ua, old_ref = ARGV[7], ARGV[8], ARGV[9]
 local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
 if not user[1] or user[2] == '1' then return false end
 local email = user[1]
-local old = nil
-if old_ref ~= '' then
-  old = redis.call('HMGET', 'sa:s:' .. old_ref, 'u', 'c', 'x', 'd')
-  if not old[1] then old = nil end
-end
+local old_uid = old_ref ~= '' and redis.call('HGET', 'sa:s:' .. old_ref, 'u')
+local old_deadline = old_uid and deadline_of(old_ref)
 -- Events first: the browser's previous session ends, then the new one begins.
-if old then
-  local odl = tonumber(old[4])
-  if now >= odl then
-    expire_member(now, old_ref, odl)
+if old_uid and old_deadline then
+  if now >= old_deadline then
+    expire_member(now, old_ref, old_deadline)
   else
-    local oemail = redis.call('HGET', 'sa:user:' .. old[1], 'email') or ''
-    emit(now, {t = 'logout', u = old[1], e = oemail, s = old_ref, i = ip, g = ua})
-    drop_session(old_ref, old[1], old_ref)
+    local oemail = redis.call('HGET', 'sa:user:' .. old_uid, 'email') or ''
+    emit(now, {t = 'logout', u = old_uid, e = oemail, s = old_ref, i = ip, g = ua})
+    drop_session(old_ref, old_uid, old_ref)
   end
 end
-local login_id = emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua})
-local lifetime_dl = string.format('%.0f', now + lifetime)
+emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua})
 local deadline = math.min(now + idle, now + lifetime)
 local key = 'sa:s:' .. ref
-redis.call('HSET', key, 'u', uid, 'c', ARGV[1], 'l', ARGV[1], 'd', string.format('%.0f', deadline),
-           'x', lifetime_dl, 'k', login_id)
+redis.call('HSET', key, 'u', uid, 'l', ARGV[1], 'x', string.format('%.0f', now + lifetime))
 redis.call('PEXPIRE', key, deadline - now + slack)
 redis.call('ZADD', 'sa:deadlines', deadline, ref)
 redis.call('SADD', 'sa:us:' .. uid, ref)
@@ -71,13 +64,13 @@ return email
 # The hot path: one round trip per authenticated request.
 # ARGV: now, ref, idle_ms, slack_ms, with_sessions ('1' or '0')
 # Returns false (no such session, or it just expired and was recorded), or
-# {uid, email, admin, created, last, [ref, created, last, ip, ua]...}
+# {uid, email, admin, [ref, created, last, ip, ua]...} (the user's sessions, this one included)
 TOUCH = r"""
 local now, ref, idle, slack = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local key = 'sa:s:' .. ref
-local s = redis.call('HMGET', key, 'u', 'c', 'x', 'd')
+local s = redis.call('HMGET', key, 'u', 'l', 'x')
 if not s[1] then return false end
-local deadline = tonumber(s[4])
+local deadline = math.min(tonumber(s[2]) + idle, tonumber(s[3]))
 if now >= deadline then
   expire_member(now, ref, deadline)
   return false
@@ -86,16 +79,17 @@ local uid = s[1]
 local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'admin', 'disabled')
 if not user[1] or user[3] == '1' then return false end
 local new_deadline = math.min(now + idle, tonumber(s[3]))
-redis.call('HSET', key, 'l', ARGV[1], 'd', string.format('%.0f', new_deadline))
+redis.call('HSET', key, 'l', ARGV[1])
 redis.call('PEXPIRE', key, new_deadline - now + slack)
 redis.call('ZADD', 'sa:deadlines', new_deadline, ref)
-local out = {uid, user[1], user[2], s[2], ARGV[1]}
+local out = {uid, user[1], user[2]}
 if ARGV[5] == '1' then
   for _, other in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
-    local o = redis.call('HMGET', 'sa:s:' .. other, 'c', 'l', 'd', 'k')
-    if o[1] and tonumber(o[3]) > now then
-      local ip, ua = login_origin(o[4])
-      out[#out + 1] = other; out[#out + 1] = o[1]; out[#out + 1] = o[2]
+    local last = redis.call('HGET', 'sa:s:' .. other, 'l')
+    local other_deadline = deadline_of(other)
+    if last and other_deadline and other_deadline > now then
+      local created, ip, ua = login_of(other)
+      out[#out + 1] = other; out[#out + 1] = created; out[#out + 1] = last
       out[#out + 1] = ip; out[#out + 1] = ua
     end
   end
@@ -105,11 +99,12 @@ return out
 
 # Is a session still live (without refreshing it)? ARGV: now, ref. Returns {uid, admin} or false.
 CHECK = r"""
-local s = redis.call('HMGET', 'sa:s:' .. ARGV[2], 'u', 'd')
-if not s[1] or tonumber(ARGV[1]) >= tonumber(s[2]) then return false end
-local user = redis.call('HMGET', 'sa:user:' .. s[1], 'admin', 'disabled')
+local uid = redis.call('HGET', 'sa:s:' .. ARGV[2], 'u')
+local deadline = uid and deadline_of(ARGV[2])
+if not deadline or tonumber(ARGV[1]) >= deadline then return false end
+local user = redis.call('HMGET', 'sa:user:' .. uid, 'admin', 'disabled')
 if user[2] == '1' then return false end
-return {s[1], user[1] or '0'}
+return {uid, user[1] or '0'}
 """
 
 # End one session with an event of type ARGV[3] (logout or revoked).
@@ -117,16 +112,16 @@ return {s[1], user[1] or '0'}
 # Returns 'ended', 'expired' (its deadline had passed: recorded as expired instead) or false.
 END = r"""
 local now, ref = tonumber(ARGV[1]), ARGV[2]
-local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'c', 'x', 'd')
-if not s[1] or (ARGV[8] ~= '' and s[1] ~= ARGV[8]) then return false end
-local deadline = tonumber(s[4])
+local uid = redis.call('HGET', 'sa:s:' .. ref, 'u')
+local deadline = uid and deadline_of(ref)
+if not deadline or (ARGV[8] ~= '' and uid ~= ARGV[8]) then return false end
 if now >= deadline then
   expire_member(now, ref, deadline)
   return 'expired'
 end
-local email = redis.call('HGET', 'sa:user:' .. s[1], 'email') or ''
-emit(now, {t = ARGV[3], u = s[1], e = email, s = ref, r = ARGV[4], c = ARGV[5], i = ARGV[6], g = ARGV[7]})
-drop_session(ref, s[1], ref)
+local email = redis.call('HGET', 'sa:user:' .. uid, 'email') or ''
+emit(now, {t = ARGV[3], u = uid, e = email, s = ref, r = ARGV[4], c = ARGV[5], i = ARGV[6], g = ARGV[7]})
+drop_session(ref, uid, ref)
 return 'ended'
 """
 
@@ -141,11 +136,11 @@ if not email then return -1 end
 local ended = 0
 for _, ref in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
   if ref ~= ARGV[7] then
-    local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'c', 'x', 'd')
-    if not s[1] then
+    local deadline = deadline_of(ref)
+    if not deadline then
       redis.call('SREM', 'sa:us:' .. uid, ref)
-    elseif now >= tonumber(s[4]) then
-      expire_member(now, ref, tonumber(s[4]))
+    elseif now >= deadline then
+      expire_member(now, ref, deadline)
     else
       emit(now, {t = 'revoked', u = uid, e = email, s = ref, r = ARGV[3], c = ARGV[4], i = ARGV[5], g = ARGV[6]})
       drop_session(ref, uid, ref)
@@ -166,18 +161,20 @@ local refs, more = {}, 0
 if uid ~= '' then
   refs = redis.call('SMEMBERS', 'sa:us:' .. uid)
 else
-  local members = redis.call('ZREVRANGE', 'sa:deadlines', offset, offset + limit)
-  if #members > limit then more = 1; members[#members] = nil end
-  for i, m in ipairs(members) do refs[i] = string.match(m, '^([^|]+)') end
+  refs = redis.call('ZREVRANGE', 'sa:deadlines', offset, offset + limit)
+  if #refs > limit then more = 1; refs[#refs] = nil end
 end
 local out = {more}
 local emails = {}
 for _, ref in ipairs(refs) do
-  local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'c', 'l', 'd', 'k')
-  if s[1] then
+  local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'l')
+  local deadline = s[1] and deadline_of(ref)
+  if deadline then
     if emails[s[1]] == nil then emails[s[1]] = redis.call('HGET', 'sa:user:' .. s[1], 'email') or '' end
-    local ip, ua = login_origin(s[5])
-    for _, v in ipairs({ref, s[1], emails[s[1]], s[2], s[3], s[4], ip, ua}) do out[#out + 1] = v end
+    local created, ip, ua = login_of(ref)
+    for _, v in ipairs({ref, s[1], emails[s[1]], created, s[2], string.format('%.0f', deadline), ip, ua}) do
+      out[#out + 1] = v
+    end
   end
 end
 return out
@@ -217,8 +214,7 @@ class Current:
     uid: str
     email: str
     admin: bool
-    created: int
-    last_seen: int
+    created: int  # ms; known when the page asked for the sessions, else 0
     sessions: tuple[SessionView, ...] = ()
 
 
@@ -252,8 +248,12 @@ class SessionStore:
         return secrets.token_urlsafe(32)
 
     def ref(self, session_id: str) -> str:
-        """The name of a session everywhere but the cookie: HMAC-SHA256 of the id, 128 bits."""
-        digest = hmac.new(self.secret, session_id.encode(), hashlib.sha256).digest()[:16]
+        """The name of a session everywhere but the cookie: HMAC-SHA256 of the id, 96 bits, 16 characters.
+
+        96 bits keep refs apart among any number of sessions Redis can hold, and name nothing an
+        attacker could use: the id itself cannot be recovered from it.
+        """
+        digest = hmac.new(self.secret, session_id.encode(), hashlib.sha256).digest()[:12]
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     async def create(self, uid: str, email_key: str, *, ip: str, user_agent: str, old_ref: str = "",
@@ -281,12 +281,14 @@ class SessionStore:
         if not out:
             return None
         values = [_text(v) for v in out]
-        others = tuple(
+        listed = tuple(
             SessionView(ref=values[i], created=int(values[i + 1]), last_seen=int(values[i + 2]),
                         ip=values[i + 3], user_agent=values[i + 4])
-            for i in range(5, len(values), 5))
-        return Current(ref=ref, uid=values[0], email=values[1], admin=values[2] == "1", created=int(values[3]),
-                       last_seen=int(values[4]), sessions=tuple(sorted(others, key=lambda s: -s.last_seen)))
+            for i in range(3, len(values), 5))
+        this = next((s for s in listed if s.ref == ref), None)
+        return Current(ref=ref, uid=values[0], email=values[1], admin=values[2] == "1",
+                       created=this.created if this else 0,
+                       sessions=tuple(sorted(listed, key=lambda s: -s.last_seen)))
 
     async def still_admin(self, ref: str) -> bool:
         """Whether the session is live and its user an admin, without counting as activity."""
