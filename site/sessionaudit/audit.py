@@ -280,24 +280,31 @@ class AuditLog:
         bound = str(since) if q.since is not None else "-"
         agents: dict[bytes, str | None] = {}
         loop = asyncio.get_running_loop()
-        pending: asyncio.Task[Any] | None = loop.create_task(
-            self.redis.xrevrange(keys.AUDIT, start, bound, count=chunk))
+
+        def read(after: str) -> asyncio.Task[Any]:
+            # The command name as bytes skips redis-py's reply parser: entries stay flat lists,
+            # which export_row_flat reads by position.
+            return loop.create_task(self.redis.execute_command(b"XREVRANGE", keys.AUDIT, after, bound,
+                                                               "COUNT", chunk))
+
+        pending: asyncio.Task[Any] | None = read(start)
         try:
             while pending is not None:
-                entries = [(i.decode(), f) for i, f in await pending]
-                pending = None
-                if len(entries) == chunk:  # the next chunk is read while this one is sent
-                    pending = loop.create_task(
-                        self.redis.xrevrange(keys.AUDIT, "(" + entries[-1][0], bound, count=chunk))
+                entries = await pending
+                pending = read("(" + entries[-1][0].decode()) if len(entries) == chunk else None
                 if q.since is not None or q.until is not None:
-                    entries = [(i, f) for i, f in entries if since <= events.entry_at(i, f) <= until]
-                missing = list({f[b"g"] for _, f in entries if f.get(b"g")} - agents.keys())
+                    entries = [(i, f) for i, f in entries
+                               if since <= events.entry_at(i.decode(), events.entry_fields(f)) <= until]
+                needed = {f[15] if len(f) == 20 else events.entry_fields(f).get(b"g") for _, f in entries}
+                needed.discard(None)
+                needed.discard(b"")
+                if len(agents) > 50_000:  # bounded memory, whatever the export's size
+                    agents.clear()
+                missing = list(needed - agents.keys())
                 if missing:
-                    if len(agents) > 50_000:  # bounded memory, whatever the export's size
-                        agents.clear()
                     texts = await self.redis.hmget(keys.AGENTS, missing)
                     agents.update((k, v.decode() if v else None) for k, v in zip(missing, texts, strict=True))
-                yield [events.export_row(i, f, agents.get(f.get(b"g", b""))) for i, f in entries]
+                yield [events.export_row_flat(i, f, agents) for i, f in entries]
         finally:
             if pending is not None:
                 pending.cancel()
