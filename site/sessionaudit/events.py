@@ -25,7 +25,7 @@ END_TYPES = (LOGOUT, EXPIRED, REVOKED)
 
 # Reasons, by type.
 IDLE, LIFETIME = "idle", "lifetime"
-BY_USER, BY_ADMIN, PASSWORD_CHANGE, DISABLED = "user", "admin", "password_change", "disabled"
+BY_USER, BY_ADMIN, PASSWORD_CHANGE = "user", "admin", "password_change"
 BAD_CREDENTIALS, THROTTLED = "bad_credentials", "throttled"
 REASONS = {
     EXPIRED: (IDLE, LIFETIME),

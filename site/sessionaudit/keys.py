@@ -37,7 +37,6 @@ FAIL_IPS = "sa:st:fip:"  # + hour number: zset ip -> failures
 FAIL_MINUTE = "sa:st:fm:"  # + minute number: failed logins in that minute
 FAIL_ACCOUNT = "sa:f:a:"  # + email: hash n (failures), t (last failure ms)
 FAIL_ADDRESS = "sa:f:i:"  # + ip
-REF_KEY = "sa:meta:"  # + name: small site-wide values
 
 # Lua shared by every writing script. ``emit(now, fields)`` appends one event, its index
 # entries and its counters, and returns its id. Field order is fixed and missing values are

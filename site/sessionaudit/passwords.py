@@ -49,7 +49,6 @@ class Passwords:
         self.executor = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="argon2",
                                                               initializer=_lower_priority)
         self.waiting = 0  # calls submitted and not finished
-        self.last_hash_seconds = 0.0
         # Verifying against this costs the same as verifying a real hash: an unknown email
         # takes as long as a wrong password.
         self._dummy = self.hasher.hash("not a password: only here to spend the time of a verify")
@@ -71,12 +70,8 @@ class Passwords:
             self._took(time.perf_counter() - start)
 
     def _took(self, seconds: float) -> None:
-        self.last_hash_seconds = seconds
         if self.on_hash:
             self.on_hash(seconds)
-
-    async def hash(self, password: str) -> str:
-        return await self._run(self._timed, self.hasher.hash, password)
 
     async def verify(self, stored_hash: str | None, password: str) -> tuple[bool, str | None]:
         """Check ``password``; return (ok, new hash when the stored one needs a rehash, else None).

@@ -102,6 +102,3 @@ class UserStore:
         """Set ``admin`` or ``disabled``; the user's email, or None when there is no such user."""
         email = await self.scripts.set_flag(args=[0, uid, name, "1" if value else "0"])
         return email.decode() if email else None
-
-    async def count(self) -> int:
-        return await self.redis.hlen(keys.EMAILS)
