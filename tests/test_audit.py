@@ -307,3 +307,18 @@ async def test_fast_export_matches_the_pages(rdb, app, clock) -> None:
         assert exported == paged and exported
     assert {r["user_agent"] for chunk in [c async for c in audit.export(Query(), 7)] for r in chunk} == {
         "Agent/0", "Agent/1", "Agent/2"}
+
+
+async def test_filter_by_an_address_with_no_account(rdb, app, new_browser) -> None:
+    """Failed logins for an address nobody registered are found by that address too."""
+    admin = await admin_browser(new_browser, rdb)
+    for _ in range(2):
+        await new_browser().login("ghost@example.com", "no such account here")
+    await new_browser().login("root@example.com", "a wrong password for root")
+    audit: AuditLog = app.ctx.audit
+    for q in (Query(user="ghost@example.com"), Query(user="ghost@example.com", type="login_failed")):
+        page = await audit.page(q)
+        assert [(e.type, e.user) for e in page.events] == [("login_failed", "ghost@example.com")] * 2
+    assert (await audit.page(Query(user="ghost@example.com", type="login"))).events == []
+    r = await admin.get("/admin/audit?user=ghost%40example.com")
+    assert r.body.count(b'<tr id="ev-') == 2

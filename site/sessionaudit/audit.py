@@ -21,12 +21,13 @@ from . import events, keys
 from .events import Event
 
 # ARGV: source key, direction ('rev' or 'fwd'), from (exclusive cursor or open end),
-#       to (bound), want, max_scan, type filter ('' none; only for a user index), since ms, until ms
+#       to (bound), want, max_scan, type filter ('' none; only for a user index), since ms, until ms,
+#       email filter ('' none: for addresses with no account, whose events have no user index)
 # Returns {cursor, exhausted, id1, fields1, id2, fields2, ...}
 PAGE = r"""
 local src, dir, from, to = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local want, budget, tfilter = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local since, untl = tonumber(ARGV[8]), tonumber(ARGV[9])
+local since, untl, efilter = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
 local main = src == 'audit:log'
 local cmd = 'XREVRANGE'
 if dir == 'fwd' then cmd = 'XRANGE' end
@@ -54,6 +55,9 @@ while found < want and scanned < budget do
       for i = 1, #fields, 2 do if fields[i] == 'a' and fields[i + 1] ~= '' then at = tonumber(fields[i + 1]) end end
       if not at then at = tonumber(string.match(e[1], '^(%d+)')) end
       if at < since or at > untl then keep = false end
+      if keep and efilter ~= '' then
+        for i = 1, #fields, 2 do if fields[i] == 'e' and fields[i + 1] ~= efilter then keep = false end end
+      end
     end
     if keep then
       for i = 1, #fields, 2 do
@@ -204,19 +208,24 @@ class AuditLog:
         uid = await self.redis.hget(keys.EMAILS, email)
         return uid.decode() if uid else None
 
-    async def _source(self, q: Query) -> tuple[str, str] | None:
-        """The stream to read and the type filter to apply to its entries, or None: nothing matches."""
+    async def _source(self, q: Query) -> tuple[str, str, str]:
+        """The stream to read, the type filter for its index entries, and an email filter.
+
+        An address with an account has its own index. One without (failed logins for it) is
+        found by scanning the trail, or its type's index, a bounded stretch per page.
+        """
         if q.user:
             uid = await self.uid_for(q.user)
-            if uid is None:
-                return None
-            return keys.AUDIT_USER + uid, q.type or ""
+            if uid is not None:
+                return keys.AUDIT_USER + uid, q.type or "", ""
+            return (keys.AUDIT_TYPE + q.type if q.type else keys.AUDIT), "", q.user
         if q.type:
-            return keys.AUDIT_TYPE + q.type, ""
-        return keys.AUDIT, ""
+            return keys.AUDIT_TYPE + q.type, "", ""
+        return keys.AUDIT, "", ""
 
-    async def _scan(self, src: str, tfilter: str, q: Query, direction: str, cursor: str | None,
+    async def _scan(self, source: tuple[str, str, str], q: Query, direction: str, cursor: str | None,
                     want: int) -> tuple[list[Event], str | None, bool]:
+        src, tfilter, efilter = source
         since = q.since if q.since is not None else 0
         until = q.until if q.until is not None else 2**52
         if direction == "rev":
@@ -227,7 +236,8 @@ class AuditLog:
         else:
             start = f"({cursor}" if cursor else (str(since) if q.since is not None else "-")
             bound = str(until + UNTIL_GRACE_MS) if q.until is not None else "+"
-        out = await self.scripts.page(args=[src, direction, start, bound, want, SCAN_BUDGET, tfilter, since, until])
+        out = await self.scripts.page(args=[src, direction, start, bound, want, SCAN_BUDGET, tfilter, since, until,
+                                            efilter])
         next_cursor = out[0].decode() or None
         exhausted = bool(out[1])
         found = [Event.from_entry(out[i], _pairs(out[i + 1])) for i in range(2, len(out), 2)]
@@ -236,27 +246,21 @@ class AuditLog:
     async def page(self, q: Query) -> Page:
         """One page, newest first: ``q.limit`` events older than ``q.before`` (or newer than ``q.after``)."""
         source = await self._source(q)
-        if source is None:
-            return Page([], None, None)
-        src, tfilter = source
         if q.after:
-            found, cursor, exhausted = await self._scan(src, tfilter, q, "fwd", q.after, q.limit)
+            found, cursor, exhausted = await self._scan(source, q, "fwd", q.after, q.limit)
             found.reverse()
             newer = None if exhausted else (found[0].id if found else cursor)
             return Page(found, found[-1].id if found else q.after, newer)
-        found, cursor, exhausted = await self._scan(src, tfilter, q, "rev", q.before, q.limit)
+        found, cursor, exhausted = await self._scan(source, q, "rev", q.before, q.limit)
         newer = (found[0].id if found else q.before) if q.before else None
         return Page(found, None if exhausted else cursor, newer)
 
     async def iterate(self, q: Query, chunk: int = 1000) -> AsyncIterator[list[Event]]:
         """Every matching event, newest first, a chunk per round trip (constant memory)."""
         source = await self._source(q)
-        if source is None:
-            return
-        src, tfilter = source
         cursor = q.before
         while True:
-            found, cursor, exhausted = await self._scan(src, tfilter, q, "rev", cursor, chunk)
+            found, cursor, exhausted = await self._scan(source, q, "rev", cursor, chunk)
             if found:
                 yield found
             if exhausted or cursor is None:
