@@ -75,3 +75,19 @@ async def test_slow_hash_does_not_hold_up_other_requests(http_client, rdb, clock
         await asyncio.gather(*logins)
         # Every health check finished before the first of the three hashes did.
         assert done_order[:5] == ["health"] * 5
+
+
+async def test_a_full_hashing_queue_answers_503_not_a_longer_wait(http_client, rdb, clock) -> None:
+    settings = dataclasses.replace(test_settings(), argon2_time_cost=3, argon2_memory_cost=65536,
+                                   argon2_parallelism=4, hash_workers=1, hash_queue=1)
+    app = make_app(settings, rdb, clock)
+    async with serving(app) as base:
+        browsers = [Browser(http_client, base) for _ in range(5)]
+        for b in browsers:
+            await b.get("/login")
+        results = await asyncio.gather(*(b.login(f"q{i}@example.com", "whatever it is here")
+                                         for i, b in enumerate(browsers)))
+        codes = sorted(r.code for r in results)
+        assert codes.count(401) == 2 and codes.count(503) == 3  # one hashing, one waiting, the rest refused
+        busy = next(r for r in results if r.code == 503)
+        assert busy.headers["Retry-After"] and b"Many people are signing in right now" in busy.body

@@ -221,6 +221,8 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_status(503)
             self.set_header("Retry-After", "2")
         title, text = ERROR_TEXT.get(status_code, (self._reason, "The request could not be completed."))
+        if isinstance(exc, HasherBusy):
+            text = "Many people are signing in right now. Try again in a moment."
         if isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code in (400, 403, 429):
             text = exc.log_message if status_code == 400 else text
         trace = None
