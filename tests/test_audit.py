@@ -322,3 +322,12 @@ async def test_filter_by_an_address_with_no_account(rdb, app, new_browser) -> No
     assert (await audit.page(Query(user="ghost@example.com", type="login"))).events == []
     r = await admin.get("/admin/audit?user=ghost%40example.com")
     assert r.body.count(b'<tr id="ev-') == 2
+
+
+async def test_export_reads_entries_written_in_another_field_order(rdb, app) -> None:
+    await rdb.xadd(keys.AUDIT, {"t": "logout", "v": "1", "e": "odd@example.com", "s": "AAAAAAAAAAAAAAAA"},
+                   id="1700000000000-0")
+    rows = [row async for chunk in app.ctx.audit.export(Query()) for row in chunk]
+    assert rows == [{"id": "1700000000000-0", "type": "logout", "at": "2023-11-14T22:13:20.000Z",
+                     "user": "odd@example.com", "session": "AAAAAAAAAAAAAAAA", "ip": None, "user_agent": None,
+                     "reason": None, "actor": None}]

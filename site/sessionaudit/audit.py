@@ -240,7 +240,7 @@ class AuditLog:
                                             efilter])
         next_cursor = out[0].decode() or None
         exhausted = bool(out[1])
-        found = [Event.from_entry(out[i], _pairs(out[i + 1])) for i in range(2, len(out), 2)]
+        found = [Event.from_entry(out[i], events.entry_fields(out[i + 1])) for i in range(2, len(out), 2)]
         return found, next_cursor, exhausted
 
     async def page(self, q: Query) -> Page:
@@ -384,5 +384,3 @@ async def with_agents(redis: aioredis.Redis, found: list[Event]) -> list[Event]:
             for e in found]
 
 
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
