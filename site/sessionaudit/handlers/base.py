@@ -6,7 +6,6 @@ import functools
 import logging
 import re
 import secrets
-import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -80,7 +79,6 @@ class BaseHandler(tornado.web.RequestHandler):
         self.session_id: str | None = None
         self.current: Current | None = None
         self._xsrf_html: Markup | None = None
-        self.started = time.perf_counter()
         self.ctx.in_flight += 1
 
     # -- request life cycle -------------------------------------------------------------
