@@ -135,6 +135,13 @@ def flush_logs() -> None:
 
 
 def setup_logging(settings: Settings) -> None:
+    # What our formats never show, logging need not work out for every record (the logging
+    # HOWTO's "Optimization"): the calling frame, thread, process and task names.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined]
     handler = LogHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
