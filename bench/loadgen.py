@@ -108,37 +108,52 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
+class Tally:
+    """Latency, finish time and status of each request completed before the deadline."""
+
+    def __init__(self, duration: float):
+        self.start = time.perf_counter()
+        self.deadline = self.start + duration
+        self.latencies: list[float] = []
+        self.done_at: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.errors = 0
+
+    async def loop(self, conn: Conn, data: bytes, retry_pause: float) -> None:
+        """Send ``data`` on ``conn`` back to back until the deadline (closed loop)."""
+        while time.perf_counter() < self.deadline:
+            t0 = time.perf_counter()
+            try:
+                status, _, _ = await conn.request(data)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                self.errors += 1
+                conn.close()
+                await asyncio.sleep(retry_pause)
+                continue
+            t1 = time.perf_counter()
+            if t1 <= self.deadline:
+                self.latencies.append(t1 - t0)
+                self.done_at.append(t1 - self.start)
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def summary(self, elapsed: float, expect: int) -> dict[str, Any]:
+        bad = sum(n for s, n in self.statuses.items() if s != expect)
+        return summary(self.latencies, elapsed, self.errors, bad, self.statuses)
+
+
 async def closed(args: argparse.Namespace) -> dict[str, Any]:
     data = build_request("GET", args.path, args.header)
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    errors = 0
-    start = time.perf_counter()
-    deadline = start + args.duration
+    tally = Tally(args.duration)
 
     async def worker() -> None:
-        nonlocal errors
         conn = Conn(args.host, args.port)
         try:
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                try:
-                    status, _, _ = await conn.request(data)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    errors += 1
-                    conn.close()
-                    await asyncio.sleep(0.01)
-                    continue
-                t1 = time.perf_counter()
-                if t1 <= deadline:
-                    latencies.append(t1 - t0)
-                    statuses[status] = statuses.get(status, 0) + 1
+            await tally.loop(conn, data, 0.01)
         finally:
             conn.close()
 
     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(args.conns))), args.duration + 30)
-    bad = sum(n for s, n in statuses.items() if s != args.expect)
-    return summary(latencies, time.perf_counter() - start, errors, bad, statuses)
+    return tally.summary(time.perf_counter() - tally.start, args.expect)
 
 
 async def paced(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,45 +218,21 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
                                                "Content-Type: application/x-www-form-urlencoded"], body)
         clients.append((conn, data))
     print("READY", flush=True)
-    latencies: list[float] = []
-    done_at: list[float] = []
-    statuses: dict[int, int] = {}
-    errors = 0
-    start = time.perf_counter()
-    deadline = start + args.duration
-
-    async def worker(conn: Conn, data: bytes) -> None:
-        nonlocal errors
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            try:
-                status, _, _ = await conn.request(data)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                errors += 1
-                conn.close()
-                await asyncio.sleep(0.05)
-                continue
-            t1 = time.perf_counter()
-            if t1 <= deadline:
-                latencies.append(t1 - t0)
-                done_at.append(t1 - start)
-                statuses[status] = statuses.get(status, 0) + 1
-
-    workers = [asyncio.ensure_future(worker(c, d)) for c, d in clients]
+    tally = Tally(args.duration)
+    workers = [asyncio.ensure_future(tally.loop(c, d, 0.05)) for c, d in clients]
     await asyncio.sleep(args.duration)
     for w in workers:  # a login in flight at the deadline is not counted
         w.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*workers, return_exceptions=True)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - tally.start
     for conn, _ in clients:
         conn.close()
-    bad = sum(n for s, n in statuses.items() if s != args.expect)
     # Logins completed per second once every client is under way (the first second left out);
     # in steady state this is the server's login throughput.
     warm = min(1.0, args.duration / 4)
-    steady = sum(1 for t in done_at if t >= warm) / (args.duration - warm)
-    return summary(latencies, elapsed, errors, bad, statuses) | {"rate_steady": steady}
+    steady = sum(1 for t in tally.done_at if t >= warm) / (args.duration - warm)
+    return tally.summary(elapsed, args.expect) | {"rate_steady": steady}
 
 
 def main() -> int:
