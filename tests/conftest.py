@@ -67,13 +67,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     server.stop()
 
 
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    client = redis.Redis.from_url(redis_server.url)
+def emptied(url: str) -> str:
+    """Flush the Redis at ``url`` (keys and scripts), so no test sees another's data; return the URL."""
+    client = redis.Redis.from_url(url)
     client.flushall()
     client.script_flush()
     client.close()
-    return redis_server.url
+    return url
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return emptied(redis_server.url)
 
 
 @pytest.fixture

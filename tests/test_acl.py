@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from conftest import ROOT, Browser, make_admin, read_events, test_settings
+from conftest import ROOT, Browser, emptied, make_admin, read_events, test_settings
 from sessionaudit import keys
 from sessionaudit.acl import APPEND_ONLY, FULL, detect_mode
 from sessionaudit.app import make_app
@@ -75,11 +74,7 @@ def url_for(server: RedisServer, user: str, password: str) -> str:
 @pytest.fixture
 def admin_url(acl_server: RedisServer) -> str:
     """The default user's URL, on an empty database."""
-    client = redis.Redis.from_url(acl_server.url)
-    client.flushall()
-    client.script_flush()
-    client.close()
-    return acl_server.url
+    return emptied(acl_server.url)
 
 
 def _client(url: str, io_loop: Any) -> Any:
