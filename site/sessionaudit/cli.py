@@ -386,7 +386,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         finally:
             flush_logs()
     except UsageError as e:
-        if "--log-format=json" in (argv or sys.argv) or environ.get("LOG_FORMAT") == "json":
+        # The settings may be what failed: the format comes from the flag or the environment.
+        if (ns.log_format or environ.get("LOG_FORMAT")) == "json":
             print(json.dumps({"level": "error", "message": str(e)}), file=sys.stderr)
         else:
             print(f"server.py: error: {e}", file=sys.stderr)

@@ -185,10 +185,9 @@ class UserTimelineHandler(AdminHandler):
         page = await self.ctx.audit.page(Query(user=user.email, type=q.type, before=q.before, after=q.after,
                                                limit=q.limit))
         live, _ = await self.ctx.sessions.list_live(uid=uid, limit=1000)
-        recent = page.events if not (q.before or q.after) else []
-        if not recent:
-            recent = (await self.ctx.audit.page(Query(user=user.email, limit=200))).events
-        elif len(recent) < 200 and page.older:
+        # The bars show the newest 200 events: the page itself when it is the newest and whole.
+        recent = page.events
+        if q.before or q.after or page.older:
             recent = (await self.ctx.audit.page(Query(user=user.email, limit=200))).events
         spans = views.session_spans(recent, self.now_ms())
         self.render("admin_user.html", user=user, q=q, page=page, live=live, types=events.TYPES, spans=spans)
