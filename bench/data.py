@@ -195,7 +195,8 @@ def create_sessions(client: redis.Redis, count: int, user_count: int, deadline_m
                 uid = 1 + k % user_count
                 deadline = deadline_ms if isinstance(deadline_ms, int) else deadline_ms[k]
                 script(args=[now, ref, uid, max(1, deadline - now), lifetime_ms, slack_ms, ip_of(rng),
-                             USER_AGENTS[k % len(USER_AGENTS)], "", "", "", email_of(uid)], client=pipe)
+                             USER_AGENTS[k % len(USER_AGENTS)], "", "", "", email_of(uid), "password", ""],
+                   client=pipe)
             replies = pipe.execute()
             if not all(replies):
                 raise RuntimeError("LOGIN refused a bench session (missing user?)")

@@ -161,7 +161,7 @@ async def test_site_user_cannot_delete_trim_or_overwrite_the_audit_trail(browser
         ("KEYS", "*"), ("SCAN", "0"), ("SWAPDB", "0", "1"), ("ACL", "LIST"), ("SCRIPT", "FLUSH"),
         ("FUNCTION", "FLUSH"), ("BGREWRITEAOF",), ("MONITOR",),
         # The user-agent dictionary: entries can be added (HSETNX), never changed or removed.
-        ("HSET", keys.AGENTS, "k", "v"), ("HDEL", keys.AGENTS, "k"), ("DEL", keys.AGENTS),
+        ("HSET", keys.AGENTS + "1", "k", "v"), ("HDEL", keys.AGENTS + "1", "k"), ("DEL", keys.AGENTS + "1"),
     ]
     for command in refused:
         with pytest.raises(NoPermissionError):

@@ -53,10 +53,11 @@ async def test_every_event_type_with_its_fields(browser: Browser, new_browser, r
     assert set(by_type) == {"register", "login", "logout", "login_failed", "locked_out", "expired", "revoked"}
     login = by_type["login"][1]
     assert login.user == "u@example.com" and login.ip == "127.0.0.1" and "Firefox" in login.user_agent
-    assert login.session and len(login.session) == 16 and login.reason is None
+    assert login.session and len(login.session) == 16 and login.reason == "password"
     # The stream names a user agent by a key into the dictionary; readers put the text back.
     raw = (await rdb.xrange(keys.AUDIT, login.id, login.id))[0][1][b"g"]
-    assert re.fullmatch(rb"[0-9a-f]{12}", raw) and (await rdb.hget(keys.AGENTS, raw)).decode() == login.user_agent
+    assert re.fullmatch(rb"[0-9a-f]{12}", raw)
+    assert (await rdb.hget(keys.agents_key(login.id), raw)).decode() == login.user_agent
     assert by_type["login_failed"][0].reason == "bad_credentials" and by_type["login_failed"][0].session is None
     assert len(by_type["locked_out"]) == 1
     expired = by_type["expired"][0]
@@ -219,8 +220,8 @@ async def test_exports_stream_everything_with_filters(rdb, app, new_browser, bro
     assert [json.loads(x)["type"] for x in logins.body.decode().splitlines()] == ["login", "login"]
     c = await admin.get("/admin/audit.csv?user=e7%40example.com")
     table = list(csv.reader(io.StringIO(c.body.decode())))
-    assert table[0] == ["id", "type", "at", "user", "session", "ip", "user_agent", "reason", "actor"]
-    assert len(table) == 2 and table[1][3] == "e7@example.com"
+    assert table[0] == ["id", "type", "at", "user", "session", "ip", "user_agent", "reason", "actor", "count"]
+    assert len(table) == 2 and table[1][3] == "e7@example.com" and table[1][9] == "1"
     assert table[1][6].startswith("'=")  # no formula injection into spreadsheets
 
 

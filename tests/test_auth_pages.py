@@ -60,21 +60,25 @@ async def test_secure_cookies_flag(http_client, base_url, settings, rdb, clock) 
     assert all("; secure" not in c.lower() for c in b.last_set_cookies)
 
 
-@pytest.mark.parametrize("email,password,confirm,message", [
-    ("not-an-email", PASSWORD, PASSWORD, b"valid email"),
-    ("a@example.com", "short", "short", b"at least 12"),
-    ("a@example.com", "password1234", "password1234", b"too common"),
-    ("a@example.com", PASSWORD, PASSWORD + "x", b"do not match"),
-    ("a@example.com", "x" * 1025, "x" * 1025, b"1024 bytes"),
-    ("alice.smith@example.com", "alice.smith@example.com", "alice.smith@example.com", b"email address"),
+@pytest.mark.parametrize("email,password,confirm,message,reason", [
+    ("not-an-email", PASSWORD, PASSWORD, b"valid email", "invalid"),
+    ("a@example.com", "short", "short", b"at least 12", "weak_password"),
+    ("a@example.com", "password1234", "password1234", b"too common", "weak_password"),
+    ("a@example.com", PASSWORD, PASSWORD + "x", b"do not match", "invalid"),
+    ("a@example.com", "x" * 1025, "x" * 1025, b"1024 bytes", "invalid"),
+    ("alice.smith@example.com", "alice.smith@example.com", "alice.smith@example.com", b"email address",
+     "weak_password"),
 ])
 async def test_register_bad_input_is_400_and_changes_nothing(browser: Browser, rdb, email, password, confirm,
-                                                             message) -> None:
+                                                             message, reason) -> None:
     r = await browser.post("/register", {"email": email, "password": password, "password_confirm": confirm})
     assert r.code == 400
     assert message in r.body
     assert b'<form method="post" action="/register"' in r.body
-    assert await rdb.xlen(keys.AUDIT) == 0
+    # No account; the refusal is recorded (with the email as typed), nothing else.
+    [event] = await read_events(rdb)
+    assert (event.type, event.reason, event.user, event.ip) == ("register_failed", reason, email, "127.0.0.1")
+    assert "Firefox" in event.user_agent and event.session is None and event.uid is None
     assert await rdb.hlen(keys.EMAILS) == 0
     assert "sid" not in browser.cookies
 

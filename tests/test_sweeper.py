@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gen_test(timeout=30)
 
 
 def store(client: aioredis.Redis, settings, clock) -> SessionStore:
-    return SessionStore(client, settings.session_secret, clock, idle=settings.session_idle,
+    return SessionStore(client, settings.session_keys(), clock, idle=settings.session_idle,
                         lifetime=settings.session_lifetime)
 
 

@@ -19,6 +19,7 @@ from .handlers import account, admin, auth, public
 from .live import LiveHub
 from .metrics import Metrics
 from .passwords import Passwords
+from .ratelog import RateLimitedLog
 from .sessions import SessionStore
 from .stats import Stats
 from .throttle import Throttle
@@ -38,9 +39,11 @@ class Context:
         self.redis = redis
         self.clock = clock
         self.metrics = Metrics()
+        # Warnings an anonymous flood could repeat (forged forms, throttled logins): once per 10 s per kind.
+        self.security = RateLimitedLog(logging.getLogger("sessionaudit.security"))
         count = self.metrics.event
         self.users = UserStore(redis, clock, count)
-        self.sessions = SessionStore(redis, settings.session_secret, clock, idle=settings.session_idle,
+        self.sessions = SessionStore(redis, settings.session_keys(), clock, idle=settings.session_idle,
                                      lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count)
         self.throttle = Throttle(redis, settings, clock, count)
         self.audit = AuditLog(redis)
@@ -90,8 +93,8 @@ class Application(tornado.web.Application):
 
 def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], float] = time.time) -> Application:
     """A fresh application on ``redis``; tests pass their own settings and clock."""
-    if not settings.cookie_secret or not settings.session_secret:
-        raise ValueError("settings need cookie_secret and session_secret (config.load_secrets)")
+    if not settings.cookie_secret:
+        raise ValueError("settings need cookie_secret (config.load_secrets)")
     ctx = Context(settings, redis, clock)
     views.warm_up()
     ref = r"([A-Za-z0-9_-]{16})"

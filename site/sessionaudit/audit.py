@@ -61,7 +61,7 @@ while found < want and scanned < budget do
     end
     if keep then
       for i = 1, #fields, 2 do
-        if fields[i] == 'g' then fields[i + 1] = agent(fields[i + 1]) end
+        if fields[i] == 'g' then fields[i + 1] = agent(fields[i + 1], e[1]) end
       end
       out[#out + 1] = e[1]; out[#out + 1] = fields
       found = found + 1
@@ -75,19 +75,21 @@ out[1] = cursor or ''
 return out
 """
 
-# Retention: remove up to ARGV[2] events older than ARGV[1] ms, with their index entries.
-# Bounded work per call; the sweeper calls it a step at a time.
+# Retention: remove up to ARGV[2] events older than ARGV[1] ms, with their index entries, and the
+# user-agent dictionaries of days no kept event is from. Bounded work per call; the sweeper calls it
+# a step at a time.
 TRIM = r"""
 local cutoff, batch = ARGV[1], tonumber(ARGV[2])
 local old = redis.call('XRANGE', 'audit:log', '-', '(' .. cutoff .. '-0', 'COUNT', batch)
 if #old == 0 then return 0 end
-local users, types, sessions = {}, {}, {}
+local users, types, sessions, days = {}, {}, {}, {}
 for _, e in ipairs(old) do
   local f = {}
   for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
   if f.s and f.s ~= '' then sessions[#sessions + 1] = f.s end
   if f.u and f.u ~= '' then users[f.u] = true end
   if f.t and f.t ~= '' then types[f.t] = true end
+  days[math.floor(tonumber(string.match(e[1], '^(%d+)')) / 86400000)] = true
 end
 local last = old[#old][1]
 local ms, seq = string.match(last, '^(%d+)-(%d+)$')
@@ -98,6 +100,18 @@ local removed = redis.call('XTRIM', 'audit:log', 'MINID', upto)
 for uid, _ in pairs(users) do redis.call('XTRIM', 'audit:u:' .. uid, 'MINID', upto) end
 for t, _ in pairs(types) do redis.call('XTRIM', 'audit:t:' .. t, 'MINID', upto) end
 for _, s in ipairs(sessions) do redis.call('HDEL', 'sa:sessev', s) end
+-- A day's dictionary goes once no kept event is from that day (or an earlier one).
+local first = redis.call('XRANGE', 'audit:log', '-', '+', 'COUNT', 1)[1]
+local kept_ms = first and tonumber(string.match(first[1], '^(%d+)')) or tonumber(ms)
+local kept_day = math.floor(kept_ms / 86400000)
+for day, _ in pairs(days) do
+  if day < kept_day then redis.call('DEL', 'audit:ua:' .. string.format('%.0f', day)) end
+end
+local legacy_until = tonumber(redis.call('GET', 'sa:ua:legacy'))
+if legacy_until and first and kept_ms > legacy_until then
+  redis.call('DEL', 'audit:ua')
+  redis.call('DEL', 'sa:ua:legacy')
+end
 return removed
 """
 
@@ -282,7 +296,7 @@ class AuditLog:
         if q.until is not None and (not q.before or events.id_ms(q.before) > until + UNTIL_GRACE_MS):
             start = str(until + UNTIL_GRACE_MS)
         bound = str(since) if q.since is not None else "-"
-        agents: dict[bytes, str | None] = {}
+        agents: dict[tuple[str, bytes], str | None] = {}
         loop = asyncio.get_running_loop()
 
         def read(after: str) -> asyncio.Task[Any]:
@@ -299,15 +313,12 @@ class AuditLog:
                 if q.since is not None or q.until is not None:
                     entries = [(i, f) for i, f in entries
                                if since <= events.entry_at(i.decode(), events.entry_fields(f)) <= until]
-                needed = {f[15] if len(f) == 20 else events.entry_fields(f).get(b"g") for _, f in entries}
-                needed.discard(None)
-                needed.discard(b"")
                 if len(agents) > 50_000:  # bounded memory, whatever the export's size
                     agents.clear()
-                missing = list(needed - agents.keys())
-                if missing:
-                    texts = await self.redis.hmget(keys.AGENTS, missing)
-                    agents.update((k, v.decode() if v else None) for k, v in zip(missing, texts, strict=True))
+                wanted = {(keys.agents_key(i), g) for i, f in entries
+                          if (g := f[15] if len(f) == 20 else events.entry_fields(f).get(b"g"))}
+                if missing := wanted - agents.keys():
+                    agents.update(await agent_texts(self.redis, missing))
                 yield [events.export_row_flat(i, f, agents) for i, f in entries]
         finally:
             if pending is not None:
@@ -376,11 +387,31 @@ class AuditLog:
 
 async def with_agents(redis: aioredis.Redis, found: list[Event]) -> list[Event]:
     """Events read straight from the stream name their user agent by key (keys.AGENTS): fill in the text."""
-    wanted = sorted({e.user_agent for e in found if e.user_agent})
+    wanted = {(keys.agents_key(e.id), e.user_agent.encode()) for e in found if e.user_agent}
     if not wanted:
         return found
-    texts = dict(zip(wanted, await redis.hmget(keys.AGENTS, wanted), strict=True))
-    return [dataclasses.replace(e, user_agent=(texts[e.user_agent] or b"").decode() or None) if e.user_agent else e
-            for e in found]
+    texts = await agent_texts(redis, wanted)
+    return [dataclasses.replace(e, user_agent=texts[keys.agents_key(e.id), e.user_agent.encode()])
+            if e.user_agent else e for e in found]
 
 
+async def agent_texts(redis: aioredis.Redis,
+                      wanted: set[tuple[str, bytes]]) -> dict[tuple[str, bytes], str | None]:
+    """User-agent texts by (dictionary, key), in one round trip (two when older events use the legacy one)."""
+    by_dict: dict[str, list[bytes]] = defaultdict(list)
+    for dictionary, key in wanted:
+        by_dict[dictionary].append(key)
+    async with redis.pipeline(transaction=False) as pipe:
+        for dictionary, names in by_dict.items():
+            pipe.hmget(dictionary, names)
+        replies = await pipe.execute()
+    out: dict[tuple[str, bytes], str | None] = {}
+    for (dictionary, names), texts in zip(by_dict.items(), replies, strict=True):
+        for name, text in zip(names, texts, strict=True):
+            out[dictionary, name] = text.decode() if text else None
+    if missing := sorted({name for (_, name), text in out.items() if text is None}):
+        legacy = dict(zip(missing, await redis.hmget(keys.LEGACY_AGENTS, missing), strict=True))
+        for (dictionary, name), text in list(out.items()):
+            if text is None and legacy.get(name):
+                out[dictionary, name] = legacy[name].decode()
+    return out

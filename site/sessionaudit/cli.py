@@ -23,7 +23,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from . import acl, config
+from . import acl, config, keys
 from .config import Settings
 from .redis_server import RedisServer, RedisServerError
 
@@ -200,6 +200,13 @@ async def check_redis(client: aioredis.Redis) -> list[str]:
     return warnings
 
 
+async def mark_legacy_agents(client: aioredis.Redis) -> None:
+    """Note when events stopped naming the user-agent dictionary of earlier versions (``audit:ua``),
+    so that retention drops it once no kept event is older (keys.LEGACY_AGENTS_UNTIL)."""
+    if await client.exists(keys.LEGACY_AGENTS):
+        await client.set(keys.LEGACY_AGENTS_UNTIL, int(time.time() * 1000), nx=True)
+
+
 # -- serve ----------------------------------------------------------------------------
 
 async def serve(settings: Settings, url: str) -> None:
@@ -215,8 +222,13 @@ async def serve(settings: Settings, url: str) -> None:
         for warning in await check_redis(client):
             log.warning(warning)
         mode = await acl.detect_mode(client)
+        await mark_legacy_agents(client)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
         log.warning("Redis at %s is not answering yet (%s); pages answer 503 until it does", _safe_url(url), e)
+    if settings.session_secret_source:
+        log.info("sessions are named with the secret from %s; every process on this Redis must use the same "
+                 "(unset it everywhere to derive it from COOKIE_SECRET: that logs everyone out once)",
+                 settings.session_secret_source)
     if mode == acl.APPEND_ONLY:
         log.info("audit trail: append-only Redis user; this process does not trim it "
                  "(run `server.py audit trim` as the maintenance user from a timer)")
@@ -232,7 +244,7 @@ async def serve(settings: Settings, url: str) -> None:
         server.listen(settings.port, settings.address)
     except OSError as e:
         raise UsageError(f"cannot listen on {settings.address}:{settings.port}: {e.strerror}") from None
-    sweeper = Sweeper(ctx.sessions, ctx.audit, ctx.clock, interval=settings.sweep_interval,
+    sweeper = Sweeper(ctx.sessions, ctx.audit, ctx.clock, throttle=ctx.throttle, interval=settings.sweep_interval,
                       retention_days=settings.audit_retention_days, trim=not ctx.append_only,
                       on_run=ctx.metrics.sweep, on_reconnect=ctx.metrics.redis_reconnects.inc)
     sweeper.start()

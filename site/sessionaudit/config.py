@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import base64
 import dataclasses
+import hashlib
+import hmac
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -57,7 +59,9 @@ class Settings:
     config: str = opt("", "file of `name = value` lines read before the environment and command line")
     # Not options: filled in by load_secrets() or by tests.
     cookie_secret: dict[int, str] = field(default_factory=dict, metadata={"cli": False})
+    # Set on its own (SESSION_SECRET, or the file of an earlier version): else derived from COOKIE_SECRET.
     session_secret: bytes = field(default=b"", metadata={"cli": False})
+    session_secret_source: str = field(default="", metadata={"cli": False})  # for the start-up log line
     template_path: str = field(default=str(ROOT / "templates"), metadata={"cli": False})
     static_path: str = field(default=str(ROOT / "static"), metadata={"cli": False})
     session_ttl_slack: int = field(default=60, metadata={"cli": False})  # seconds a key outlives its deadline
@@ -87,6 +91,36 @@ class Settings:
     @property
     def hash_threads(self) -> int:
         return self.hash_workers or (os.cpu_count() or 1)
+
+    def derived_key(self, label: str, version: int | None = None) -> bytes:
+        """A key for one purpose (``label``), derived with HKDF from COOKIE_SECRET.
+
+        ``version`` picks one of several cookie secrets (``1:old,2:new``); the default is the
+        newest, the one that signs. COOKIE_SECRET is thus the one secret processes must share.
+        """
+        return hkdf(self.cookie_secret[max(self.cookie_secret) if version is None else version].encode(), label)
+
+    def session_keys(self) -> dict[int, bytes]:
+        """The key that names sessions in Redis, by the version of the cookie secret that signed the cookie.
+
+        SESSION_SECRET (or the file an earlier version generated) when set, for every version;
+        else derived from each cookie secret, so a session keeps its name for as long as its
+        cookie verifies, across a rotation of COOKIE_SECRET.
+        """
+        return {v: self.session_secret or self.derived_key(SESSION_KEY_LABEL, v) for v in self.cookie_secret}
+
+
+SESSION_KEY_LABEL = "sessionaudit session ref"
+
+
+def hkdf(secret: bytes, label: str, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869), no salt: a separate key for each purpose from one shared secret."""
+    prk = hmac.new(b"\0" * 32, secret, hashlib.sha256).digest()
+    out, block = b"", b""
+    for i in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + label.encode() + bytes([i]), hashlib.sha256).digest()
+        out += block
+    return out[:length]
 
 
 def cli_fields() -> list[dataclasses.Field]:
@@ -147,17 +181,24 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-def load_secrets(settings: Settings) -> Settings:
-    """Fill in the cookie and session secrets from the environment or from files in data-dir.
+def load_secrets(settings: Settings, environ: dict[str, str] | None = None) -> Settings:
+    """Fill in the cookie secret (and a session secret set on its own) from the environment or data-dir.
 
     ``COOKIE_SECRET`` may be one secret or several as ``1:old,2:new`` (the highest version signs,
     all verify: rotate without logging anyone out). Without it, a random secret is generated once
-    into ``<data-dir>/cookie_secret`` (mode 0600). ``SESSION_SECRET`` keys the hash that names a
-    session in Redis and in the audit trail; it must stay the same for as long as sessions live.
+    into ``<data-dir>/cookie_secret`` (mode 0600). Every other key is derived from it, unless set on
+    its own: ``SESSION_SECRET`` keys the hash that names a session in Redis and in the audit trail;
+    an earlier version generated one into ``<data-dir>/session_secret``, which is still used when
+    present so that an upgrade logs no one out (see the README's upgrade note).
     """
-    cookie = os.environ.get("COOKIE_SECRET") or _secret_file(settings.data_dir, "cookie_secret")
-    session = os.environ.get("SESSION_SECRET") or _secret_file(settings.data_dir, "session_secret")
-    return dataclasses.replace(settings, cookie_secret=parse_cookie_secret(cookie), session_secret=session.encode())
+    environ = os.environ if environ is None else environ
+    cookie = environ.get("COOKIE_SECRET") or _secret_file(settings.data_dir, "cookie_secret")
+    session, source = environ.get("SESSION_SECRET", ""), "SESSION_SECRET"
+    legacy = Path(settings.data_dir) / "session_secret"
+    if not session and legacy.exists():
+        session, source = legacy.read_text().strip(), str(legacy)
+    return dataclasses.replace(settings, cookie_secret=parse_cookie_secret(cookie), session_secret=session.encode(),
+                               session_secret_source=source if session else "")
 
 
 def parse_cookie_secret(text: str) -> dict[int, str]:

@@ -19,10 +19,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from . import events
+
 AUDIT = "audit:log"  # the stream: source of truth
 AUDIT_USER = "audit:u:"  # + uid: stream of ids of that user's events, field t = type
 AUDIT_TYPE = "audit:t:"  # + type: stream of ids of events of that type
-AGENTS = "audit:ua"  # hash: 12 hex digits of SHA-1 -> user agent; events store the digits (written once)
+# + day number (of the event id's time): hash 12 hex digits of SHA-1 -> user agent, written once.
+# Events store the digits; a day's dictionary goes when retention has removed that day's events.
+AGENTS = "audit:ua:"
+LEGACY_AGENTS = "audit:ua"  # one dictionary for every day, written before the dictionaries were split
+LEGACY_AGENTS_UNTIL = "sa:ua:legacy"  # ms: no event after it names LEGACY_AGENTS (set at the first start)
 SESSION_EVENTS = "sa:sessev"  # hash: session ref -> space-separated event ids
 LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
@@ -33,10 +39,16 @@ DEADLINES = "sa:deadlines"  # zset: session refs scored by deadline (ms)
 USER_SESSIONS = "sa:us:"  # + uid: set of live session refs
 STATS_HOUR = "sa:st:h:"  # + hour number: hash type -> count
 STATS_DAY = "sa:st:d:"  # + day number: hash type -> count
-FAIL_IPS = "sa:st:fip:"  # + hour number: zset ip -> failures
+FAIL_IPS = "sa:st:fip:"  # + hour number: zset ip -> failures (the FAIL_IPS_MAX addresses with most)
+FAIL_IPS_MAX = 1000
 FAIL_MINUTE = "sa:st:fm:"  # + minute number: failed logins in that minute
-FAIL_ACCOUNT = "sa:f:a:"  # + email: hash n (failures), t (last failure ms)
+FAIL_ACCOUNT = "sa:f:a:"  # + email: throttle state (see throttle.py)
 FAIL_ADDRESS = "sa:f:i:"  # + ip
+FAIL_DEVICE = "sa:f:d:"  # + device id: failures made with that browser's device cookie
+FAIL_REGISTER = "sa:f:r:"  # + ip: refused registrations
+THROTTLE_DUE = "sa:f:due"  # zset: throttle keys with refused attempts not yet recorded, by when they are due
+agents_key = events.agents_key
+
 
 # Lua shared by every writing script. ``emit(now, fields)`` appends one event, its index
 # entries and its counters, and returns its id. Field order is fixed and missing values are
@@ -55,38 +67,78 @@ local function next_id(now)
   return string.format('%.0f-%.0f', ms, seq), ms
 end
 
--- User agents repeat across events: each is stored once, events name it by 12 hex digits of
--- its SHA-1 (HSETNX: an entry, once written, never changes).
-local function intern_agent(ua)
+local function day_of(id)
+  return string.format('%.0f', math.floor(tonumber(string.match(id, '^(%d+)')) / 86400000))
+end
+
+-- User agents repeat across events: each is stored once a day, in that day's dictionary, and
+-- events name it by 12 hex digits of its SHA-1 (HSETNX: an entry, once written, never changes).
+-- Retention drops a day's dictionary with that day's events.
+local function intern_agent(ua, id)
   if not ua or ua == '' then return '' end
   local key = string.sub(redis.sha1hex(ua), 1, 12)
-  redis.call('HSETNX', 'audit:ua', key, ua)
+  redis.call('HSETNX', 'audit:ua:' .. day_of(id), key, ua)
   return key
 end
 
+-- The text of the user agent that the event `id` names by `key`.
 local agent_cache = {}
-local function agent(key)
+local function agent(key, id)
   if not key or key == '' then return '' end
-  local ua = agent_cache[key]
+  local dict = 'audit:ua:' .. day_of(id)
+  local ua = agent_cache[dict .. key]
   if ua == nil then
-    ua = redis.call('HGET', 'audit:ua', key) or ''
-    agent_cache[key] = ua
+    ua = redis.call('HGET', dict, key) or redis.call('HGET', 'audit:ua', key) or ''
+    agent_cache[dict .. key] = ua
   end
   return ua
 end
 
--- ev: table with keys t, a, u, e, s, i, g, r, c (strings or numbers; nil for absent).
+-- The dashboard's counters: `n` events of type `t` at `at` (ms); failed logins also by minute and
+-- by address (the FAIL_IPS_MAX addresses with most failures each hour: a flood from many
+-- addresses cannot grow the table).
+local function count_stats(at, t, ip, n)
+  local hour = math.floor(at / 3600000)
+  local day = math.floor(at / 86400000)
+  local hkey = 'sa:st:h:' .. string.format('%.0f', hour)
+  local dkey = 'sa:st:d:' .. string.format('%.0f', day)
+  redis.call('HINCRBY', hkey, t, n)
+  redis.call('EXPIRE', hkey, 3 * 86400)
+  redis.call('HINCRBY', dkey, t, n)
+  redis.call('EXPIRE', dkey, 400 * 86400)
+  if t == 'login_failed' then
+    local mkey = 'sa:st:fm:' .. string.format('%.0f', math.floor(at / 60000))
+    redis.call('INCRBY', mkey, n)
+    redis.call('EXPIRE', mkey, 7200)
+    if ip and ip ~= '' then
+      local fkey = 'sa:st:fip:' .. string.format('%.0f', hour)
+      redis.call('ZINCRBY', fkey, n, ip)
+      if redis.call('ZCARD', fkey) > 1000 then redis.call('ZPOPMIN', fkey) end
+      redis.call('EXPIRE', fkey, 2 * 86400)
+    end
+  end
+end
+
+-- ev: table with keys t, a, u, e, s, i, g, r, c (strings or numbers; nil for absent), and for a
+-- summary of refused attempts n (count), f (first attempt, ms) and k (distinct user agents): those
+-- attempts were counted on the dashboard as they came, so the summary is not counted again.
 local function emit(now, ev)
   local id, ms = next_id(now)
   local at = tonumber(ev.a) or now
   if at == ms then ev.a = nil else ev.a = string.format('%.0f', at) end
   ev.v = '1'
   -- Before the XADD: should the XADD fail, an unused dictionary entry is all that is left.
-  ev.g = intern_agent(ev.g)
+  ev.g = intern_agent(ev.g, id)
   local args = {'XADD', 'audit:log', id}
   for _, f in ipairs(FIELDS) do
     args[#args + 1] = f
     args[#args + 1] = ev[f] or ''
+  end
+  if ev.n then
+    for _, f in ipairs({'n', 'f', 'k'}) do
+      args[#args + 1] = f
+      args[#args + 1] = ev[f] or ''
+    end
   end
   redis.call(unpack(args))
   redis.call('SET', 'sa:audit:lastid', id)
@@ -98,24 +150,7 @@ local function emit(now, ev)
     local prev = redis.call('HGET', 'sa:sessev', ev.s)
     redis.call('HSET', 'sa:sessev', ev.s, prev and (prev .. ' ' .. id) or id)
   end
-  local hour = math.floor(at / 3600000)
-  local day = math.floor(at / 86400000)
-  local hkey = 'sa:st:h:' .. string.format('%.0f', hour)
-  local dkey = 'sa:st:d:' .. string.format('%.0f', day)
-  redis.call('HINCRBY', hkey, ev.t, 1)
-  redis.call('EXPIRE', hkey, 3 * 86400)
-  redis.call('HINCRBY', dkey, ev.t, 1)
-  redis.call('EXPIRE', dkey, 400 * 86400)
-  if ev.t == 'login_failed' then
-    local mkey = 'sa:st:fm:' .. string.format('%.0f', math.floor(at / 60000))
-    redis.call('INCR', mkey)
-    redis.call('EXPIRE', mkey, 7200)
-    if ev.i and ev.i ~= '' then
-      local fkey = 'sa:st:fip:' .. string.format('%.0f', hour)
-      redis.call('ZINCRBY', fkey, 1, ev.i)
-      redis.call('EXPIRE', fkey, 2 * 86400)
-    end
-  end
+  if not ev.n then count_stats(at, ev.t, ev.i, 1) end
   return id
 end
 
@@ -131,7 +166,7 @@ local function login_of(ref)
     local f = found[1][2]
     for i = 1, #f, 2 do
       if f[i] == 'i' then ip = f[i + 1]
-      elseif f[i] == 'g' then ua = agent(f[i + 1])
+      elseif f[i] == 'g' then ua = agent(f[i + 1], login)
       elseif f[i] == 'a' and f[i + 1] ~= '' then created = tonumber(f[i + 1]) end
     end
   end

@@ -24,7 +24,8 @@ import redis.asyncio as aioredis
 
 from . import events, keys
 
-# ARGV: now, ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email
+# ARGV: now, ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email, method,
+#       device (the id of the browser's device cookie for this account, '' none)
 # Returns the user's email, or false when the account is gone or disabled.
 # The session hash holds three numbers (u uid, l last seen, x lifetime deadline): its deadline is
 # its score in the deadline index, and when, where from and with what it began is its login event.
@@ -47,7 +48,7 @@ if old_uid and old_deadline then
     drop_session(old_ref, old_uid, old_ref)
   end
 end
-emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua})
+emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua, r = ARGV[13]})
 local deadline = math.min(now + idle, now + lifetime)
 local key = 'sa:s:' .. ref
 redis.call('HSET', key, 'u', uid, 'l', ARGV[1], 'x', string.format('%.0f', now + lifetime))
@@ -57,7 +58,8 @@ redis.call('SADD', 'sa:us:' .. uid, ref)
 if ARGV[10] ~= '' and user[3] == ARGV[11] then
   redis.call('HSET', 'sa:user:' .. uid, 'hash', ARGV[10])
 end
-redis.call('DEL', 'sa:f:a:' .. ARGV[12])
+-- A success clears the failures it was throttled by: the device's, or else the account's.
+if ARGV[14] ~= '' then redis.call('DEL', 'sa:f:d:' .. ARGV[14]) else redis.call('DEL', 'sa:f:a:' .. ARGV[12]) end
 return email
 """
 
@@ -227,11 +229,12 @@ def _text(value: bytes | str | None) -> str:
 class SessionStore:
     """Create, load, end and expire sessions. Takes Redis, the session secret and a clock in."""
 
-    def __init__(self, redis: aioredis.Redis, secret: bytes, clock: Callable[[], float], *,
+    def __init__(self, redis: aioredis.Redis, secrets: dict[int, bytes], clock: Callable[[], float], *,
                  idle: int, lifetime: int, slack: int = 60, count: Callable[[str, int], None] | None = None):
         self.redis = redis
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
-        self.secret = secret
+        self.secrets = secrets  # the key naming sessions, by the cookie secret version that signed the cookie
+        self.newest = max(secrets)
         self.clock = clock
         self.idle_ms = idle * 1000  # seconds → ms
         self.lifetime_ms = lifetime * 1000
@@ -247,28 +250,33 @@ class SessionStore:
         """A fresh session id: 256 random bits."""
         return secrets.token_urlsafe(32)
 
-    def ref(self, session_id: str) -> str:
+    def ref(self, session_id: str, version: int | None = None) -> str:
         """The name of a session everywhere but the cookie: HMAC-SHA256 of the id, 96 bits, 16 characters.
 
         96 bits keep refs apart among any number of sessions Redis can hold, and name nothing an
-        attacker could use: the id itself cannot be recovered from it.
+        attacker could use: the id itself cannot be recovered from it. ``version`` is that of the
+        cookie secret that signed the session's cookie (new sessions: the newest).
         """
-        digest = hmac.new(self.secret, session_id.encode(), hashlib.sha256).digest()[:12]
+        secret = self.secrets.get(self.newest if version is None else version, self.secrets[self.newest])
+        digest = hmac.new(secret, session_id.encode(), hashlib.sha256).digest()[:12]
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     async def create(self, uid: str, email_key: str, *, ip: str, user_agent: str, old_ref: str = "",
-                     new_hash: str = "", old_hash: str = "") -> tuple[str, str] | None:
-        """Log in: a new session (its `login` event), ending the browser's previous one.
+                     new_hash: str = "", old_hash: str = "", method: str = events.BY_PASSWORD,
+                     device: str | None = None) -> tuple[str, str] | None:
+        """Log in: a new session (its `login` event, whose reason is ``method``: how the user proved
+        themselves), ending the browser's previous one.
 
         Also stores ``new_hash`` when the password was rehashed (only if the stored hash is still
-        ``old_hash``) and clears the account's failed-login counter. Returns (session id, ref), or
+        ``old_hash``) and clears the failed-login counter of the account (or, with ``device``, of
+        that device cookie). Returns (session id, ref), or
         None when the account was removed or disabled meanwhile.
         """
         session_id = self.new_id()
         ref = self.ref(session_id)
         email = await self.scripts.login(args=[
             self.now_ms(), ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent,
-            old_ref, new_hash, old_hash, email_key])
+            old_ref, new_hash, old_hash, email_key, method, device or ""])
         if not email:
             return None
         self.count("login", 1)

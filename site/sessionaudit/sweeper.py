@@ -1,4 +1,5 @@
-"""Background work on the IOLoop: record expired sessions every second, trim old audit events.
+"""Background work on the IOLoop: record expired sessions every second, record the summaries of
+refused attempts whose window is over, trim old audit events.
 
 Safe with any number of processes on one Redis: each claim is a script that re-checks the
 deadline, so a session is recorded as expired exactly once. While Redis is down a run fails
@@ -15,6 +16,7 @@ import redis.exceptions
 
 from .audit import AuditLog
 from .sessions import SessionStore
+from .throttle import Throttle
 
 log = logging.getLogger("sessionaudit.sweeper")
 
@@ -27,11 +29,12 @@ class Sweeper:
     """Run ``run_once`` every ``interval`` seconds until ``stop``."""
 
     def __init__(self, sessions: SessionStore, audit: AuditLog, clock: Callable[[], float], *,
-                 interval: float = 1.0, retention_days: int = 365, trim: bool = True,
+                 throttle: Throttle | None = None, interval: float = 1.0, retention_days: int = 365, trim: bool = True,
                  on_run: Callable[[int, int], None] | None = None,
                  on_reconnect: Callable[[], None] | None = None):
         self.sessions = sessions
         self.audit = audit
+        self.throttle = throttle
         self.clock = clock
         self.interval = interval
         self.retention_ms = retention_days * 86_400_000
@@ -50,6 +53,8 @@ class Sweeper:
         expired, lag = await self.sessions.expire_due()
         if self.on_run:
             self.on_run(expired, lag)
+        if self.throttle:
+            await self.throttle.flush_due()
         if self.trim and (self._last_trim is None or now - self._last_trim >= TRIM_EVERY * 1000):
             self._last_trim = now
             for _ in range(TRIM_STEPS):

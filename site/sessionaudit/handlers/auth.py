@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import events
 from ..passwords import MAX_PASSWORD_BYTES
 from ..users import InvalidEmail, normalize_email
-from .base import BaseHandler, form, safe_next, security_log
+from .base import BaseHandler, form, safe_next
 
 BAD_LOGIN = "That email and password do not match an account."
 
@@ -19,35 +19,49 @@ class RegisterHandler(BaseHandler):
 
     @form
     async def post(self) -> None:
+        ctx = self.ctx
         raw_email = self.get_argument("email", "")
         password = self.get_argument("password", "", strip=False)
         confirm = self.get_argument("password_confirm", "", strip=False)
+        # Refused registrations are recorded and throttled per address: probing which emails have
+        # an account is as slow here as at /login.
+        if await ctx.throttle.register_wait(self.client_ip):
+            return await self._fail(events.THROTTLED, "", raw_email)
         try:
             email = normalize_email(raw_email)
         except InvalidEmail as e:
-            return self._fail(f"Enter a valid email address: {e}", raw_email)
+            return await self._fail(events.INVALID, f"Enter a valid email address: {e}", raw_email)
         if len(password.encode()) > MAX_PASSWORD_BYTES:
-            return self._fail(f"Passwords can be at most {MAX_PASSWORD_BYTES} bytes long.", email)
+            return await self._fail(events.INVALID, f"Passwords can be at most {MAX_PASSWORD_BYTES} bytes long.", email)
         if password != confirm:
-            return self._fail("The two passwords do not match.", email)
-        ctx = self.ctx
+            return await self._fail(events.INVALID, "The two passwords do not match.", email)
         if await ctx.users.get_by_email(email):
-            return self._fail("An account with this email already exists. Log in instead.", email)
+            return await self._fail(events.TAKEN, "An account with this email already exists. Log in instead.", email)
         problem, password_hash = await ctx.passwords.check_and_hash(password, email)
         if problem or not password_hash:
-            return self._fail(problem or "Choose another password.", email)
+            return await self._fail(events.WEAK_PASSWORD, problem or "Choose another password.", email)
         uid = await ctx.users.create(email, password_hash, ip=self.client_ip, user_agent=self.user_agent)
         if uid is None:  # registered by someone else between the check and now
-            return self._fail("An account with this email already exists. Log in instead.", email)
+            return await self._fail(events.TAKEN, "An account with this email already exists. Log in instead.", email)
         created = await ctx.sessions.create(uid, email, ip=self.client_ip, user_agent=self.user_agent,
                                             old_ref=self.current.ref if self.current else "")
         if created:
             self.set_session_cookie(created[0])
+            self.set_device_cookie(email)
             self.renew_xsrf()
         self.redirect("/account", status=303)
 
-    def _fail(self, message: str, email: str) -> None:
-        self.set_status(400)
+    async def _fail(self, reason: str, message: str, email: str) -> None:
+        """Record the refusal (``register_failed``), then answer 400, or 429 once the address is throttled."""
+        wait = await self.ctx.throttle.register_failed(email, self.client_ip, self.user_agent, reason)
+        if reason == events.THROTTLED:
+            self.ctx.security.warning("register-throttled", "registration throttled from %s (retry after %d s)",
+                                      self.client_ip, wait)
+            self.set_status(429)
+            self.set_header("Retry-After", str(max(wait, 1)))
+            message = f"Too many attempts from your network. Try again in {max(wait, 1)} seconds."
+        else:
+            self.set_status(400)
         self.render("register.html", error=message, email=email)
 
 
@@ -66,12 +80,13 @@ class LoginHandler(BaseHandler):
         except InvalidEmail:
             email = ""
         # An address that cannot exist is treated like an unknown one: same work, same answer.
-        attempt = await ctx.throttle.check(email or "-", self.client_ip)
+        device = self.device_for(email)
+        attempt = await ctx.throttle.check(email or "-", self.client_ip, device)
         if attempt.retry_after > 0:
-            await ctx.throttle.fail(email, self.client_ip, self.user_agent, events.THROTTLED, attempt.uid)
+            await ctx.throttle.refuse(email, self.client_ip, self.user_agent, attempt, device)
             ctx.metrics.login("throttled")
-            security_log.warning("login throttled for %s from %s (retry after %d s)", email or "an invalid address",
-                                 self.client_ip, attempt.retry_after)
+            ctx.security.warning("login-throttled", "login throttled for %s from %s (retry after %d s)",
+                                 email or "an invalid address", self.client_ip, attempt.retry_after)
             self.set_status(429)
             self.set_header("Retry-After", str(attempt.retry_after))
             return self.render("login.html", email=raw_email, next=next_url,
@@ -82,14 +97,16 @@ class LoginHandler(BaseHandler):
             created = await ctx.sessions.create(
                 attempt.uid, email, ip=self.client_ip, user_agent=self.user_agent,
                 old_ref=self.current.ref if self.current else "", new_hash=new_hash or "",
-                old_hash=attempt.password_hash or "")
+                old_hash=attempt.password_hash or "", device=device)
         if created is None:
-            await ctx.throttle.fail(email, self.client_ip, self.user_agent, events.BAD_CREDENTIALS, attempt.uid)
+            await ctx.throttle.fail(email, self.client_ip, self.user_agent, events.BAD_CREDENTIALS, attempt.uid,
+                                    device)
             ctx.metrics.login("failed")
             self.set_status(401)
             return self.render("login.html", error=BAD_LOGIN, email=raw_email, next=next_url)
         ctx.metrics.login("ok")
         self.set_session_cookie(created[0])
+        self.set_device_cookie(email)
         self.renew_xsrf()
         self.redirect(next_url or "/account", status=303)
 

@@ -22,6 +22,8 @@ log = logging.getLogger("sessionaudit.web")
 security_log = logging.getLogger("sessionaudit.security")
 
 COOKIE = "sid"
+DEVICE_COOKIE = "device"  # names an account this browser has logged in to (throttle.py: device cookies)
+DEVICE_COOKIE_DAYS = 365
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 FORM_LIMIT = 64 * 1024  # bytes of a form body; more gets 413
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
@@ -104,7 +106,8 @@ class BaseHandler(tornado.web.RequestHandler):
             try:
                 super().check_xsrf_cookie()
             except tornado.web.HTTPError:
-                security_log.warning("CSRF check failed for %s %s", self.request.method, self.request.path)
+                self.ctx.security.warning("csrf", "CSRF check failed for %s %s from %s", self.request.method,
+                                          self.request.path, self.request.remote_ip)
                 raise
 
     async def prepare(self) -> None:
@@ -112,9 +115,9 @@ class BaseHandler(tornado.web.RequestHandler):
         length = self.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > FORM_LIMIT):
             raise tornado.web.HTTPError(413 if length.isdigit() else 400)
-        self.session_id = self._session_id_from_cookie()
+        self.session_id, version = self._session_id_from_cookie()
         if self.session_id:
-            self.current = await self.ctx.sessions.load(self.ctx.sessions.ref(self.session_id),
+            self.current = await self.ctx.sessions.load(self.ctx.sessions.ref(self.session_id, version),
                                                         with_sessions=self.with_sessions)
             if self.current is None:
                 self.clear_session_cookie()
@@ -128,20 +131,23 @@ class BaseHandler(tornado.web.RequestHandler):
     def on_finish(self) -> None:
         self.ctx.request_done()
 
-    def _session_id_from_cookie(self) -> str | None:
+    def _session_id_from_cookie(self) -> tuple[str | None, int | None]:
+        """The session id in the cookie and the version of the cookie secret that signed it."""
         raw = self.get_cookie(COOKIE)
         if not raw:
-            return None
+            return None, None
         value = self.get_signed_cookie(COOKIE, value=raw, min_version=2,
                                        max_age_days=self.ctx.cookie_max_age_days)
         if value is None:
-            security_log.warning("forged or stale session cookie from %s", self.request.remote_ip)
-            return None
+            self.ctx.security.warning("cookie", "forged or stale session cookie from %s", self.request.remote_ip)
+            return None, None
         try:
             session_id = value.decode("ascii")
         except UnicodeDecodeError:
-            return None
-        return session_id if 32 <= len(session_id) <= 64 else None
+            return None, None
+        if not 32 <= len(session_id) <= 64:
+            return None, None
+        return session_id, tornado.web.get_signature_key_version(raw)
 
     # -- session cookie -----------------------------------------------------------------
 
@@ -151,6 +157,20 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def clear_session_cookie(self) -> None:
         self.clear_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=self.ctx.settings.secure_cookies)
+
+    def device_for(self, email: str) -> str | None:
+        """The id of this browser's device cookie when it names ``email``'s account, else None."""
+        raw = self.get_signed_cookie(DEVICE_COOKIE, min_version=2, max_age_days=DEVICE_COOKIE_DAYS + 1)
+        try:
+            return self.ctx.throttle.device_for(raw.decode("ascii") if raw else None, email)
+        except UnicodeDecodeError:
+            return None
+
+    def set_device_cookie(self, email: str) -> None:
+        """After a successful login: this browser is a known device of ``email``'s account for a year."""
+        self.set_signed_cookie(DEVICE_COOKIE, self.ctx.throttle.device_cookie(email), expires_days=DEVICE_COOKIE_DAYS,
+                               version=2, httponly=True, samesite="Lax", secure=self.ctx.settings.secure_cookies,
+                               path="/login")
 
     def renew_xsrf(self) -> None:
         """A new XSRF token after login and logout: the old one dies with the old session."""
