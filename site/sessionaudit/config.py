@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class Settings:
     metrics_port: int = opt(0, "port of the Prometheus listener (0: off)")
     log_format: str = opt("text", "log format: text or json")
     config: str = opt("", "file of `name = value` lines read before the environment and command line")
+    public_url: str = opt("", "the site's origin as people reach it (https://host[:port]): links in mail, the passkey "
+                              "relying party; never taken from a request's Host header (default http://ADDRESS:PORT)")
     # Not options: filled in by load_secrets() or by tests.
     cookie_secret: dict[int, str] = field(default_factory=dict, metadata={"cli": False})
     # Set on its own (SESSION_SECRET, or the file of an earlier version): else derived from COOKIE_SECRET.
@@ -87,6 +90,15 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.hash_workers < 0 or self.metrics_port < 0:
             raise ValueError("hash_workers and metrics_port cannot be negative")
+        if self.public_url:
+            parts = urllib.parse.urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
+                raise ValueError(f"public_url must be an origin like https://example.com, not {self.public_url!r}")
+
+    @property
+    def origin(self) -> str:
+        """``public_url`` without a trailing slash, or ``http://<address>:<port>``."""
+        return self.public_url.rstrip("/") or f"http://{self.address}:{self.port}"
 
     @property
     def hash_threads(self) -> int:
