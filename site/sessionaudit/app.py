@@ -17,7 +17,7 @@ from .audit import AuditLog
 from .config import Settings
 from .handlers import account, admin, auth, public
 from .live import LiveHub
-from .metrics import Metrics
+from .metrics import Metrics, method_label
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
 from .sessions import SessionStore
@@ -152,9 +152,10 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     current = getattr(handler, "current", None)
     level = logging.INFO if status < 500 else logging.ERROR
     if status >= 500 or access_log.isEnabledFor(logging.INFO):
+        method = method_label(handler.request.method)
         access_log.log(level, "%s %s %s %d %.1fms user=%s", getattr(handler, "request_id", "-"),
-                       handler.request.method, handler.request.path, status, seconds * 1000,
+                       method, handler.request.path, status, seconds * 1000,
                        current.uid if current else "-",
-                       extra={"request_id": getattr(handler, "request_id", None), "method": handler.request.method,
+                       extra={"request_id": getattr(handler, "request_id", None), "method": method,
                               "route": route, "path": handler.request.path, "status": status,
                               "duration_ms": round(seconds * 1000, 2), "user": current.uid if current else None})

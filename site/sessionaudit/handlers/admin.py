@@ -9,7 +9,7 @@ import orjson
 import tornado.iostream
 import tornado.web
 
-from .. import events, views
+from .. import events, inputs, views
 from ..audit import BadQuery, Query
 from ..live import Follower, replay
 from .base import BaseHandler, admin, form, security_log
@@ -113,7 +113,7 @@ class AuditLiveHandler(AdminHandler):
             self.set_header("Retry-After", "10")
             raise tornado.web.HTTPError(503, "Too many followers")
         resume = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_id", "")
-        if resume and not events.valid_id(resume):
+        if resume and not inputs.is_event_id(resume):
             raise tornado.web.HTTPError(400, "Last-Event-ID must be an event id.")
         self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
         self.set_header("X-Accel-Buffering", "no")  # nginx: pass each message on at once
@@ -205,10 +205,10 @@ class SessionsHandler(AdminHandler):
     @admin
     async def get(self) -> None:
         email = self.get_query_argument("user", "").strip().lower()
-        offset_text = self.get_query_argument("offset", "0")
-        if not offset_text.isdigit():
-            raise tornado.web.HTTPError(400, "offset must be a whole number.")
-        offset = int(offset_text)
+        try:
+            offset = inputs.whole_number(self.get_query_argument("offset", "0"))
+        except ValueError:
+            raise tornado.web.HTTPError(400, "offset must be a whole number.") from None
         uid = None
         if email:
             uid = await self.ctx.audit.uid_for(email) or "-"
