@@ -48,7 +48,8 @@ class Context:
         self.throttle = Throttle(redis, settings, clock, count)
         self.audit = AuditLog(redis)
         self.stats = Stats(redis, clock)
-        self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set)
+        self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set,
+                            allowed=self.sessions.live_admins, recheck=settings.live_recheck)
         self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
         self.jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(settings.template_path),

@@ -69,6 +69,8 @@ class Settings:
     static_path: str = field(default=str(ROOT / "static"), metadata={"cli": False})
     session_ttl_slack: int = field(default=60, metadata={"cli": False})  # seconds a key outlives its deadline
     live_heartbeat: float = field(default=15.0, metadata={"cli": False})  # seconds between SSE comments
+    live_recheck: float = field(default=10.0, metadata={"cli": False})  # seconds between checks of followers' rights
+    live_write_timeout: float = field(default=30.0, metadata={"cli": False})  # a follower that reads nothing this long
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for a value that cannot work."""

@@ -99,14 +99,20 @@ end
 return out
 """
 
-# Is a session still live (without refreshing it)? ARGV: now, ref. Returns {uid, admin} or false.
-CHECK = r"""
-local uid = redis.call('HGET', 'sa:s:' .. ARGV[2], 'u')
-local deadline = uid and deadline_of(ARGV[2])
-if not deadline or tonumber(ARGV[1]) >= deadline then return false end
-local user = redis.call('HMGET', 'sa:user:' .. uid, 'admin', 'disabled')
-if user[2] == '1' then return false end
-return {uid, user[1] or '0'}
+# Which of these sessions are live and their user an admin (without refreshing them)?
+# ARGV: now, ref... Returns the refs that are.
+ADMINS = r"""
+local now, out = tonumber(ARGV[1]), {}
+for i = 2, #ARGV do
+  local ref = ARGV[i]
+  local uid = redis.call('HGET', 'sa:s:' .. ref, 'u')
+  local deadline = uid and deadline_of(ref)
+  if deadline and now < deadline then
+    local user = redis.call('HMGET', 'sa:user:' .. uid, 'admin', 'disabled')
+    if user[1] == '1' and user[2] ~= '1' then out[#out + 1] = ref end
+  end
+end
+return out
 """
 
 # End one session with an event of type ARGV[3] (logout or revoked).
@@ -240,7 +246,7 @@ class SessionStore:
         self.lifetime_ms = lifetime * 1000
         self.slack_ms = slack * 1000
         self.scripts = keys.Scripts(redis, login=LOGIN, touch=TOUCH, end=END, end_all=END_ALL,
-                                    expire_due=EXPIRE_DUE, check=CHECK, list=LIST)
+                                    expire_due=EXPIRE_DUE, admins=ADMINS, list=LIST)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -298,10 +304,11 @@ class SessionStore:
                        created=this.created if this else 0,
                        sessions=tuple(sorted(listed, key=lambda s: -s.last_seen)))
 
-    async def still_admin(self, ref: str) -> bool:
-        """Whether the session is live and its user an admin, without counting as activity."""
-        out = await self.scripts.check(args=[self.now_ms(), ref])
-        return bool(out) and out[1] == b"1"
+    async def live_admins(self, refs: set[str]) -> set[str]:
+        """Those of ``refs`` whose session is live and whose user is an enabled admin (not counted as activity)."""
+        if not refs:
+            return set()
+        return {_text(r) for r in await self.scripts.admins(args=[self.now_ms(), *sorted(refs)])}
 
     async def end(self, ref: str, kind: str = events.LOGOUT, *, reason: str = "", actor: str = "",
                   ip: str = "", user_agent: str = "", owner: str = "") -> str | None:

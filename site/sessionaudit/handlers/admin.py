@@ -101,12 +101,18 @@ def csv_cell(value: object) -> str:
 
 
 class AuditLiveHandler(AdminHandler):
-    """Server-Sent Events: each new matching event as `id:` and `data:` lines; resumes by Last-Event-ID."""
+    """Server-Sent Events: each new matching event as `id:` and `data:` lines; resumes by Last-Event-ID.
+
+    Whatever is written waits until the client has taken what came before (each flush is awaited,
+    with a time limit), so a follower that does not read costs at most a chunk of buffer, however
+    far back it resumes. The hub ends the stream when the follower's session may no longer follow.
+    """
 
     follower: Follower | None = None
 
     @admin
     async def get(self) -> None:
+        assert self.current
         q = self.query()
         hub = self.ctx.live
         if hub.full():
@@ -117,44 +123,47 @@ class AuditLiveHandler(AdminHandler):
             raise tornado.web.HTTPError(400, "Last-Event-ID must be an event id.")
         self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
         self.set_header("X-Accel-Buffering", "no")  # nginx: pass each message on at once
-        self.follower = follower = await hub.attach(q)
+        self.follower = follower = await hub.attach(q, self.current.ref)
         try:
             snapshot = hub.last_id  # events after it reach the queue; up to it, the replay sends them
             last = resume or None
             self.write("retry: 2000\n: following the audit trail\n\n")
+            await self._send()
             if resume:
-                async for event in replay(self.ctx.redis, resume, q, snapshot):
-                    self.write(_sse(event))
-                    last = event.id
-            await self.flush()
+                async for chunk in replay(self.ctx.redis, resume, q, snapshot):
+                    if follower.stopped:
+                        break
+                    self.write("".join([_sse(event) for event in chunk]))
+                    last = chunk[-1].id
+                    await self._send()
             heartbeat = self.ctx.settings.live_heartbeat
-            ended = False
+            ended = follower.stopped and follower.queue.empty()
             while not ended:
                 try:
                     batch = [await asyncio.wait_for(follower.queue.get(), heartbeat)]
-                except TimeoutError:
-                    # The stream does not count as activity; a session that has ended (idle, lifetime,
-                    # logout, revoked, admin rights removed) stops receiving within one heartbeat.
-                    if not self.current or not await self.ctx.sessions.still_admin(self.current.ref):
-                        break
+                except TimeoutError:  # following does not count as activity: no session refresh
                     self.write(": heartbeat\n\n")
-                    await self.flush()
+                    await self._send()
                     continue
                 while not follower.queue.empty():  # everything queued goes out in one flush
                     batch.append(follower.queue.get_nowait())
                 for event in batch:
-                    if event is None:  # shutdown, a closed tab, or too slow (the browser resumes by id)
+                    if event is None:  # shutdown, a closed tab, too slow, or no longer allowed
                         ended = True
                         break
                     if last is None or _id_key(event.id) > _id_key(last):
                         self.write(_sse(event))
                         last = event.id
-                await self.flush()
+                await self._send()
             self.finish()
-        except tornado.iostream.StreamClosedError:
-            pass
+        except (tornado.iostream.StreamClosedError, TimeoutError):
+            self.request.connection.close()  # gone, or not reading: nothing more is kept for it
         finally:
             hub.detach(follower)
+
+    async def _send(self) -> None:
+        """Flush, and wait until the client has taken it (at most ``live_write_timeout`` seconds)."""
+        await asyncio.wait_for(self.flush(), self.ctx.settings.live_write_timeout)
 
     def on_connection_close(self) -> None:
         if self.follower:
