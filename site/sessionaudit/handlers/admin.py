@@ -81,18 +81,20 @@ class AuditExportHandler(AdminHandler):
 
 
 CSV_NEEDS_QUOTES = re.compile(r'[,;\t\r\n"]')
+CSV_FORMULA_AFTER_SEPARATOR = re.compile(r"([,;\t\r\n])(?=[=+\-@\t\r])")
 
 
 def csv_cell(value: object) -> str:
-    """One CSV cell (RFC 4180), safe in any spreadsheet locale.
+    """One CSV cell (RFC 4180), safe in any spreadsheet locale (OWASP "CSV injection").
 
-    A cell holding a separator (``,``, or ``;`` and tab, which spreadsheets in other locales split
-    on), a line break or a quote is quoted; a formula at its start (= + - @, tab, carriage return)
-    is neutralised with a leading apostrophe (OWASP "CSV injection").
+    A formula at the start of the cell (= + - @, tab, carriage return) is neutralised with an
+    apostrophe, and so is one right after a separator inside it: a spreadsheet in a locale that
+    splits on ``;`` (or tab) ignores our quotes and starts a cell there. A cell holding a
+    separator, a line break or a quote is then quoted.
     """
     if value is None:
         return ""
-    text = str(value)
+    text = CSV_FORMULA_AFTER_SEPARATOR.sub(r"\1'", str(value))
     if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
         text = "'" + text
     if CSV_NEEDS_QUOTES.search(text):
