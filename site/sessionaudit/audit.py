@@ -108,7 +108,7 @@ for day, _ in pairs(days) do
   if day < kept_day then redis.call('DEL', 'audit:ua:' .. string.format('%.0f', day)) end
 end
 local legacy_until = tonumber(redis.call('GET', 'sa:ua:legacy'))
-if legacy_until and first and kept_ms > legacy_until then
+if legacy_until and first and kept_ms >= legacy_until then
   redis.call('DEL', 'audit:ua')
   redis.call('DEL', 'sa:ua:legacy')
 end

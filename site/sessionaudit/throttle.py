@@ -46,7 +46,6 @@ from . import events, keys
 from .config import Settings
 
 DEVICE_KEY_LABEL = "sessionaudit device cookie"
-DOOR_BUDGET = 600  # events a minute a cheap door (registration, reset requests) records one by one
 SUMMARY_KEEP_MS = 7 * 86_400_000  # a pending summary outlives its window by this much (no server running)
 
 # Throttle state of one key (an account, an address, a device): a hash with n (failures in the
@@ -293,7 +292,7 @@ class Throttle:
         s = self.settings
         wait = await self.scripts.register_failed(args=[
             self._now(), email[:254], ip, user_agent, reason, s.login_address_threshold, *self._backoff(),
-            s.login_window * 1000, DOOR_BUDGET])
+            s.login_window * 1000, s.door_budget])
         self.count(events.REGISTER_FAILED, 1)
         return math.ceil(int(wait) / 1000)
 
