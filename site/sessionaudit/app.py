@@ -44,7 +44,8 @@ class Context:
         count = self.metrics.event
         self.users = UserStore(redis, clock, count)
         self.sessions = SessionStore(redis, settings.session_keys(), clock, idle=settings.session_idle,
-                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count)
+                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count,
+                                     binding=settings.session_binding)
         self.throttle = Throttle(redis, settings, clock, count)
         self.audit = AuditLog(redis)
         self.stats = Stats(redis, clock)

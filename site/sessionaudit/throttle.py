@@ -51,7 +51,7 @@ SUMMARY_KEEP_MS = 7 * 86_400_000  # a pending summary outlives its window by thi
 # Throttle state of one key (an account, an address, a device): a hash with n (failures in the
 # window) and t (the last failure, ms). While throttled, refused attempts not yet recorded live in
 # '<key>:p' (c count, f first ms, l last ms, w when the window ends, and the summary's event: y type,
-# u uid, e email, i ip, g user agent, r reason), their user agents in the HyperLogLog '<key>:h', and
+# u uid, e email, i ip, g user agent, r reason, s session), their user agents in the HyperLogLog '<key>:h', and
 # the key in sa:f:due (scored by w) so that the sweeper records the last window of a flood.
 LUA = r"""
 local function throttle_wait(key, threshold, base, cap, now)
@@ -73,10 +73,10 @@ end
 -- Record the summary pending for `key` (if any attempt is counted in it) and close its window.
 local function summary_flush(key, now)
   local p = key .. ':p'
-  local s = redis.call('HMGET', p, 'c', 'f', 'l', 'y', 'u', 'e', 'i', 'g', 'r')
+  local s = redis.call('HMGET', p, 'c', 'f', 'l', 'y', 'u', 'e', 'i', 'g', 'r', 's')
   local c = tonumber(s[1])
   if c and c > 0 then
-    emit(now, {t = s[4], a = s[3], u = s[5], e = s[6], i = s[7], g = s[8], r = s[9],
+    emit(now, {t = s[4], a = s[3], u = s[5], e = s[6], i = s[7], g = s[8], r = s[9], s = s[10],
                n = c, f = s[2], k = redis.call('PFCOUNT', key .. ':h')})
   end
   redis.call('DEL', p, key .. ':h')
@@ -108,7 +108,7 @@ local function summarise(key, now, window, ev)
   redis.call('PEXPIRE', key .. ':h', w - now + 604800000)
   if c == 0 then redis.call('HSET', p, 'f', string.format('%.0f', now)) end
   redis.call('HSET', p, 'c', c + 1, 'l', string.format('%.0f', now), 'y', ev.t, 'u', ev.u or '',
-             'e', ev.e or '', 'i', ev.i or '', 'g', ua, 'r', ev.r or '')
+             'e', ev.e or '', 'i', ev.i or '', 'g', ua, 'r', ev.r or '', 's', ev.s or '')
   return false
 end
 

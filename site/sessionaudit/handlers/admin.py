@@ -15,6 +15,7 @@ from ..live import Follower, replay
 from .base import BaseHandler, admin, form, security_log
 
 EXPORT_CHUNK = 5000
+SESSION_TIMELINE_CAP = 60  # about the events emit() keeps in a session's timeline index (1 KB of ids)
 
 
 class AdminHandler(BaseHandler):
@@ -189,7 +190,15 @@ class SessionTimelineHandler(AdminHandler):
             raise tornado.web.HTTPError(404)
         login = next((e for e in timeline if e.type == events.LOGIN), None)
         end = next((e for e in timeline if e.type in events.END_TYPES), None)
-        self.render("admin_session.html", ref=ref, timeline=timeline, login=login, end=end)
+        # Each move, with where the session was used from before it: its login or the move before.
+        moves, before = [], login
+        for e in timeline:
+            if e.type == events.SESSION_CHANGED:
+                moves.append((e, before or e))
+                before = e
+        truncated = end is None and len(timeline) >= SESSION_TIMELINE_CAP
+        self.render("admin_session.html", ref=ref, timeline=timeline, login=login, end=end, moves=moves,
+                    truncated=truncated)
 
 
 class UserTimelineHandler(AdminHandler):

@@ -143,6 +143,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.session_id, version = self._session_id_from_cookie()
         if self.session_id:
             self.current = await self.ctx.sessions.load(self.ctx.sessions.ref(self.session_id, version),
+                                                        ip=self.client_ip, user_agent=self.user_agent,
                                                         with_sessions=self.with_sessions)
             if self.current is None:
                 self.clear_session_cookie()
