@@ -229,7 +229,9 @@ class Throttle:
         self.settings = settings
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
         self.clock = clock
-        self.device_secret = settings.derived_key(DEVICE_KEY_LABEL) if settings.cookie_secret else b""
+        # By cookie secret version, newest first: a rotation of COOKIE_SECRET keeps known devices known.
+        self.device_secrets = [settings.derived_key(DEVICE_KEY_LABEL, v) for v in sorted(settings.cookie_secret,
+                                                                                         reverse=True)]
         self.scripts = keys.Scripts(redis, check=LUA + CHECK, refuse=LUA + REFUSE, fail=LUA + FAIL,
                                     register_failed=LUA + REGISTER_FAILED, register_wait=LUA + REGISTER_WAIT,
                                     flush_due=LUA + FLUSH_DUE)
@@ -305,18 +307,24 @@ class Throttle:
     # -- device cookies -------------------------------------------------------------------
 
     def device_cookie(self, email: str) -> str:
-        """A new device cookie value naming ``email``'s account: ``<account tag>.<device id>``."""
-        return f"{self._tag(email)}.{secrets.token_urlsafe(16)}"
+        """A new device cookie value naming ``email``'s account: ``<account tag>.<device id>``.
+
+        The tag is a keyed hash of the email, so the cookie does not show whose account it names.
+        """
+        return f"{self._tag(email, self.device_secrets[0])}.{secrets.token_urlsafe(16)}"
 
     def device_for(self, cookie: str | None, email: str) -> str | None:
         """The device id in a (verified) device cookie value when it names ``email``'s account, else None."""
         if not cookie or not email:
             return None
         tag, _, device = cookie.partition(".")
-        if len(device) != 22 or not hmac.compare_digest(tag, self._tag(email)):
+        if len(device) != 22:
+            return None
+        if not any(hmac.compare_digest(tag, self._tag(email, secret)) for secret in self.device_secrets):
             return None
         return device
 
-    def _tag(self, email: str) -> str:
-        digest = hmac.new(self.device_secret, email.encode(), hashlib.sha256).digest()[:12]
+    @staticmethod
+    def _tag(email: str, secret: bytes) -> str:
+        digest = hmac.new(secret, email.encode(), hashlib.sha256).digest()[:12]
         return base64.urlsafe_b64encode(digest).decode()
