@@ -6,8 +6,10 @@
   var status = document.getElementById("follow-status");
   var rows = document.getElementById("live-rows");
   if (!button || !rows || !window.EventSource) { return; }
+  // The server's labels for every event type (events.LABELS), so new types need no change here.
   var LABELS = {register: "Registered", login: "Signed in", login_failed: "Failed sign-in", logout: "Signed out",
                 expired: "Expired", revoked: "Revoked", locked_out: "Locked out"};
+  try { LABELS = JSON.parse(button.getAttribute("data-labels")) || LABELS; } catch (e) { /* keep the defaults */ }
   var source = null;
   button.hidden = false;
 
