@@ -9,10 +9,10 @@ from typing import Any
 
 import pyotp
 import pytest
+from softkey import SoftPasskey
 
 from conftest import PASSWORD, Browser, make_admin, read_events, test_settings
 from sessionaudit import events, keys
-from softkey import SoftPasskey
 
 pytestmark = pytest.mark.gen_test
 
