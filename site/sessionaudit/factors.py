@@ -300,7 +300,7 @@ class PasswordStep:
 
 def render_qr(uri: str) -> str:
     """The URI as an inline SVG QR code (segno; pure Python, a few ms: run it in an executor)."""
-    svg = segno.make(uri, error="m").svg_inline(scale=5, border=4, dark="#000", light="#fff",
+    svg = segno.make(uri, error="m").svg_inline(scale=5, border=4, dark="#000", light="#fff", omitsize=True,
                                                  title="QR code of the authenticator key")
     # segno's <title> names it for screen readers once the SVG is an image.
     return svg.replace("<svg ", '<svg role="img" focusable="false" ', 1)
