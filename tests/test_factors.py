@@ -290,6 +290,9 @@ async def test_an_admin_resets_a_users_factors(browser: Browser, new_browser, rd
     assert (reset.type, reset.reason, reset.actor, reset.user) == (
         events.MFA_DISABLED, events.BY_ADMIN, "boss@example.com", "lost@example.com")
     assert "Remove all second factors" not in (await admin.get("/admin/users/1")).body.decode()
+    # The live view labels the new events as the pages do (follow.js reads the labels from the page).
+    audit = (await admin.get("/admin/audit")).body.decode()
+    assert '"mfa_disabled": "Two-step off"' in audit and '"passkey_added": "Passkey added"' in audit
     assert (await admin.post("/admin/users/99/mfa/reset")).code == 404
     # The user signs in with the password alone again.
     await browser.logout()
@@ -314,3 +317,17 @@ async def test_pages_need_a_session(browser: Browser) -> None:
     assert r.code == 302 and r.headers["Location"] == "/login?next=%2Faccount%2Fsecurity"
     for path in ("/account/security/totp", "/account/security/totp/confirm", "/account/security/totp/disable"):
         assert (await browser.post(path, {"code": "123456"})).code == 403
+
+
+async def test_a_rotated_cookie_secret_keeps_factors_working(browser: Browser, rdb, clock, settings) -> None:
+    """Secrets sealed and codes hashed under the old COOKIE_SECRET still work after `1:old,2:new`."""
+    import dataclasses
+    secret, codes = await enable(browser, clock, "rot@example.com")
+    newer = {**settings.cookie_secret, 2: "a-newer-cookie-secret-0123456789"}
+    rotated = dataclasses.replace(settings, cookie_secret=newer)
+    async with serving(make_app(rotated, rdb, clock)) as base:
+        other = Browser(browser.client, base)
+        await password_step(other, "rot@example.com")
+        assert (await other.post("/login/verify", {"code": code_at(secret, clock() + 30)})).code == 303
+        await password_step(other, "rot@example.com")
+        assert (await other.post("/login/verify", {"code": codes[0]})).code == 303

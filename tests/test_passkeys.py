@@ -228,3 +228,19 @@ async def test_no_passkeys_when_the_site_is_reached_by_an_address(http_client, b
         assert "passkey-login-form" not in page and "passkeys.js" not in page
         r = await b.post("/login/passkey/options")
         assert r.code == 400 and "host name" in json.loads(r.body)["error"]
+
+
+async def test_anonymous_floods_write_nothing(browser: Browser, rdb) -> None:
+    """Asking for sign-in options, and answering with passkeys the site does not know, writes nothing."""
+    await browser.register("fl@example.com")
+    await add_passkey(browser)
+    await browser.logout()
+    before = {k: await rdb.type(k) for k in await rdb.keys("*")}
+    events_before = await rdb.xlen(keys.AUDIT)
+    stranger = SoftPasskey(ORIGIN, "sa.example")
+    stranger.user_handle = b"s" * 16
+    for _ in range(30):
+        opts = await options(browser, "/login/passkey/options")
+        assert (await browser.post("/login/passkey", {"credential": stranger.get(opts)})).code == 400
+    assert {k: await rdb.type(k) for k in await rdb.keys("*")} == before
+    assert await rdb.xlen(keys.AUDIT) == events_before
