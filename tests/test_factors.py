@@ -320,12 +320,21 @@ async def test_pages_need_a_session(browser: Browser) -> None:
 
 
 async def test_a_rotated_cookie_secret_keeps_factors_working(browser: Browser, rdb, clock, settings) -> None:
-    """Secrets sealed and codes hashed under the old COOKIE_SECRET still work after `1:old,2:new`."""
+    """COOKIE_SECRET rotated as docs/deploy.md says (``1:old,2:new``, then ``2:new``): TOTP secrets and
+    recovery codes made under the old secret still work, because a process with both re-sealed the data key."""
     import dataclasses
     secret, codes = await enable(browser, clock, "rot@example.com")
-    newer = {**settings.cookie_secret, 2: "a-newer-cookie-secret-0123456789"}
-    rotated = dataclasses.replace(settings, cookie_secret=newer)
-    async with serving(make_app(rotated, rdb, clock)) as base:
+    new = "a-newer-cookie-secret-0123456789"
+    both = dataclasses.replace(settings, cookie_secret={**settings.cookie_secret, 2: new})
+    newest = dataclasses.replace(settings, cookie_secret={2: new})
+    sealed = await rdb.get(keys.MFA_KEY)
+    started = make_app(both, rdb, clock)
+    try:
+        await started.ctx.factors.data_key()  # what `serve` does at start
+    finally:
+        started.ctx.close()
+    assert await rdb.get(keys.MFA_KEY) != sealed
+    async with serving(make_app(newest, rdb, clock)) as base:
         other = Browser(browser.client, base)
         await password_step(other, "rot@example.com")
         assert (await other.post("/login/verify", {"code": code_at(secret, clock() + 30)})).code == 303

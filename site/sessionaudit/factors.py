@@ -1,8 +1,11 @@
 """Second factors: TOTP (RFC 6238) with recovery codes, the pending step of a two-step login, and
 what a user's factors are (the security page, the admin's user page, the admin's reset).
 
-A TOTP secret is stored only sealed (AES-256-GCM under a key derived from COOKIE_SECRET, bound to
-its user), while set up (``sa:totp:setup:<uid>``, ten minutes) and once on (``sa:mfa:<uid>``).
+A TOTP secret is stored only sealed (AES-256-GCM, bound to its user), while set up
+(``sa:totp:setup:<uid>``, ten minutes) and once on (``sa:mfa:<uid>``). The key that seals it (and
+keys the recovery codes' HMACs) is made once per Redis and kept there (``sa:mfa:key``) sealed under
+a key derived from COOKIE_SECRET; each process re-seals it under the newest version of that secret
+when it starts, so rotating COOKIE_SECRET (``1:old,2:new``, later ``2:new``) loses no factor.
 A code is accepted at most once: the script that accepts it also checks and moves the user's last
 accepted time step, so a code (or an older one) is refused afterwards by every process on the same
 Redis. Recovery codes are 60 random bits each, stored only as HMACs (they cannot be guessed, so a
@@ -46,8 +49,7 @@ RECOVERY_CODES = 10
 RECOVERY_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base32: no i, l, o, u
 RECOVERY_LENGTH = 12  # characters: 60 bits
 RECOVERY_FIX = str.maketrans({"o": "0", "i": "1", "l": "1"})  # what people misread in Crockford's alphabet
-TOTP_KEY_LABEL = "sessionaudit totp secret"
-RECOVERY_KEY_LABEL = "sessionaudit recovery code"
+DATA_KEY_LABEL = "sessionaudit second factors"  # HKDF label of the key that seals the data key
 SIX_DIGITS = re.compile(r"[0-9]{6}")
 TOTP, RECOVERY = events.BY_TOTP, events.BY_RECOVERY_CODE  # the two kinds of code, named as the login reasons
 
@@ -194,12 +196,21 @@ local now, uid = tonumber(ARGV[1]), ARGV[2]
 local email = redis.call('HGET', 'sa:user:' .. uid, 'email')
 if not email then return false end
 local refs = redis.call('SMEMBERS', 'sa:pks:' .. uid)
-redis.call('DEL', 'sa:totp:setup:' .. uid)
-if redis.call('EXISTS', 'sa:mfa:' .. uid, 'sa:rc:' .. uid) == 0 and #refs == 0 then return 'none' end
+if redis.call('EXISTS', 'sa:mfa:' .. uid, 'sa:rc:' .. uid) == 0 and #refs == 0 then
+  redis.call('DEL', 'sa:totp:setup:' .. uid)
+  return 'none'
+end
 emit(now, {t = 'mfa_disabled', u = uid, e = email, i = ARGV[4], g = ARGV[5], r = 'admin', c = ARGV[3]})
-redis.call('DEL', 'sa:mfa:' .. uid, 'sa:rc:' .. uid, 'sa:pks:' .. uid)
+redis.call('DEL', 'sa:mfa:' .. uid, 'sa:rc:' .. uid, 'sa:pks:' .. uid, 'sa:totp:setup:' .. uid)
 for _, ref in ipairs(refs) do redis.call('DEL', 'sa:pk:' .. ref) end
 return 'reset'
+"""
+
+
+# Replace the sealed data key, if it is still the one read. ARGV: old sealed, new sealed.
+RESEAL = r"""
+if redis.call('GET', 'sa:mfa:key') == ARGV[1] then redis.call('SET', 'sa:mfa:key', ARGV[2]) end
+return 1
 """
 
 
@@ -212,15 +223,15 @@ def unb64url(text: str) -> bytes:
 
 
 class SecretBox:
-    """Seal small secrets for Redis: AES-256-GCM under a key derived from COOKIE_SECRET (``label``).
+    """Seal small secrets: AES-256-GCM under one of several keys (by version), the newest sealing.
 
-    Each sealed value names the version of the cookie secret whose key sealed it, so a rotation
-    (``COOKIE_SECRET=1:old,2:new``) keeps old values readable; the context (the user) is
-    authenticated too, so a value copied to another user's key does not open.
+    Each sealed value names the version of the key that sealed it, so older values stay readable
+    while that version is kept; the context (the user) is authenticated too, so a value copied to
+    another user's key does not open.
     """
 
-    def __init__(self, settings: Settings, label: str):
-        self.keys = {v: AESGCM(settings.derived_key(label, v)) for v in settings.cookie_secret}
+    def __init__(self, keys_by_version: dict[int, bytes]):
+        self.keys = {v: AESGCM(k) for v, k in keys_by_version.items()}
         self.newest = max(self.keys)
 
     def seal(self, plaintext: bytes, context: str) -> str:
@@ -236,6 +247,13 @@ class SecretBox:
             return self.keys[int(version)].decrypt(data[:12], data[12:], context.encode())
         except (ValueError, KeyError, InvalidTag):
             return None
+
+    def is_newest(self, sealed: str) -> bool:
+        return sealed.partition(".")[0] == str(self.newest)
+
+
+class DataKeyLost(RuntimeError):
+    """The second factors' data key is in Redis but no version of COOKIE_SECRET here opens it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,17 +357,53 @@ class FactorStore:
         self.clock = clock
         self.sessions = sessions
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
-        self.box = SecretBox(settings, TOTP_KEY_LABEL)
-        self.recovery_keys = {v: settings.derived_key(RECOVERY_KEY_LABEL, v) for v in settings.cookie_secret}
+        self.key_box = SecretBox({v: settings.derived_key(DATA_KEY_LABEL, v) for v in settings.cookie_secret})
+        self._box: SecretBox | None = None  # seals TOTP secrets: the data key, once loaded
+        self._recovery_key = b""  # keys the recovery codes' HMACs: derived from the data key
+        self._loading: asyncio.Lock | None = None
         host = urllib.parse.urlsplit(settings.origin).hostname or ""
         # Authenticator apps list accounts by issuer: with --public-url, which site this one is.
         self.issuer = f"Session Audit ({host})" if settings.public_url and host else "Session Audit"
         self.scripts = keys.Scripts(redis, setup=SETUP, setup_sealed=SETUP_SEALED, enable=ENABLE, disable=DISABLE,
                                     password_login=PASSWORD_LOGIN, pending=PENDING, finish=FINISH, view=VIEW,
-                                    reset=RESET)
+                                    reset=RESET, reseal=RESEAL)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    # -- the data key -------------------------------------------------------------------------
+
+    async def data_key(self) -> None:
+        """Load the data key (made on first use, SET NX: the first process wins), re-sealing it under the
+        newest COOKIE_SECRET when an older one sealed it. Every process calls it at start.
+
+        Raises DataKeyLost when no version of COOKIE_SECRET here opens it (a version was dropped
+        before any process with both had started).
+        """
+        if self._box is not None:
+            return
+        self._loading = self._loading or asyncio.Lock()
+        async with self._loading:
+            if self._box is not None:
+                return
+            sealed = _text(await self.redis.get(keys.MFA_KEY))
+            if not sealed:
+                fresh = self.key_box.seal(os.urandom(32), keys.MFA_KEY)
+                await self.redis.set(keys.MFA_KEY, fresh, nx=True)
+                sealed = _text(await self.redis.get(keys.MFA_KEY))
+            key = self.key_box.open(sealed, keys.MFA_KEY)
+            if key is None:
+                raise DataKeyLost(f"no version of COOKIE_SECRET opens {keys.MFA_KEY}: TOTP and recovery codes cannot "
+                                  "be checked (was the old version removed before every process had both?)")
+            if not self.key_box.is_newest(sealed):  # compare-and-set: a newer process may have re-sealed it
+                await self.scripts.reseal(args=[sealed, self.key_box.seal(key, keys.MFA_KEY)])
+            self._recovery_key = hmac.new(key, b"recovery codes", hashlib.sha256).digest()
+            self._box = SecretBox({1: key})
+
+    @property
+    def box(self) -> SecretBox:
+        assert self._box is not None, "await data_key() first"
+        return self._box
 
     # -- codes ------------------------------------------------------------------------------
 
@@ -363,10 +417,9 @@ class FactorStore:
                 found = step
         return found
 
-    def recovery_hashes(self, code: str) -> list[str]:
-        """The stored forms of a (normalised) recovery code, newest key first: ``<version>:<HMAC>``."""
-        return [f"{v}:{hmac.new(k, code.encode(), hashlib.sha256).hexdigest()}"
-                for v, k in sorted(self.recovery_keys.items(), reverse=True)]
+    def recovery_hash(self, code: str) -> str:
+        """The stored form of a (normalised) recovery code: HMAC-SHA256 under a key from the data key."""
+        return hmac.new(self._recovery_key, code.encode(), hashlib.sha256).hexdigest()
 
     def _code_args(self, uid: str, code: str, sealed: str) -> tuple[str, str] | None:
         """The (kind, value) that the scripts check for a typed code, or None when it cannot be right."""
@@ -375,7 +428,7 @@ class FactorStore:
             return None
         kind, text = parsed
         if kind == RECOVERY:
-            return kind, " ".join(self.recovery_hashes(text))
+            return kind, self.recovery_hash(text)
         secret = self.box.open(sealed, uid) if sealed else None
         step = self.totp_step(secret.decode(), text) if secret else None
         return None if step is None else (kind, str(step))
@@ -384,6 +437,7 @@ class FactorStore:
 
     async def begin_setup(self, uid: str, email: str) -> Setup | None:
         """A TOTP secret to set up (the one under way, if any), or None when TOTP is already on."""
+        await self.data_key()
         now = self.now_ms()
         secret = pyotp.random_base32()  # 160 bits, as RFC 4226 recommends
         sealed = await self.scripts.setup(args=[now, uid, self.box.seal(secret.encode(), uid),
@@ -395,6 +449,7 @@ class FactorStore:
 
     async def current_setup(self, uid: str, email: str) -> Setup | None:
         """The setup under way (to show again after a wrong code), or None."""
+        await self.data_key()
         sealed = await self.scripts.setup_sealed(args=[self.now_ms(), uid])
         secret = self.box.open(_text(sealed), uid) if sealed else None
         return await self._setup(secret.decode(), email) if secret else None
@@ -409,6 +464,7 @@ class FactorStore:
                             user_agent: str) -> list[str] | str:
         """Turn TOTP on when ``code`` is right for the secret being set up: the new recovery codes
         (shown once, stored only as HMACs), or why not: 'bad_code', 'expired' or 'on'."""
+        await self.data_key()
         sealed = _text(await self.scripts.setup_sealed(args=[self.now_ms(), uid]))
         if not sealed:
             return "expired"
@@ -418,7 +474,7 @@ class FactorStore:
         if step is None:
             return "bad_code"
         codes = [new_recovery_code() for _ in range(RECOVERY_CODES)]
-        hashes = [self.recovery_hashes(c.replace("-", ""))[0] for c in codes]
+        hashes = [self.recovery_hash(c.replace("-", "")) for c in codes]
         result = _text(await self.scripts.enable(args=[self.now_ms(), uid, sealed, step, ref, ip, user_agent,
                                                        *hashes]))
         if result != "ok":
@@ -429,6 +485,7 @@ class FactorStore:
     async def disable(self, uid: str, sealed: str, code: str, *, ref: str, ip: str, user_agent: str) -> str:
         """Turn TOTP off with a code (TOTP or recovery; the caller checked the password):
         'ok', 'bad_code' (wrong, replayed or used) or 'off'."""
+        await self.data_key()
         args = self._code_args(uid, code, sealed)
         if args is None:
             return "bad_code"
@@ -475,6 +532,7 @@ class FactorStore:
         login was proved), 'bad_code' (wrong, replayed, or a used recovery code), 'expired' (the step
         is gone or TOTP was turned off meanwhile) or 'gone' (the account was disabled meanwhile).
         """
+        await self.data_key()
         args = self._code_args(pending.uid, code, pending.sealed_secret)
         if args is None:
             return "bad_code", None

@@ -49,6 +49,7 @@ FAIL_REGISTER = "sa:f:r:"  # + ip: refused registrations
 THROTTLE_DUE = "sa:f:due"  # zset: throttle keys with refused attempts not yet recorded, by when they are due
 # Second factors (factors.py, passkeys.py). Secrets are stored encrypted (factors.SecretBox).
 MFA = "sa:mfa:"  # + uid: hash totp (encrypted secret), step (last accepted time step), since (ms)
+MFA_KEY = "sa:mfa:key"  # the data key sealing TOTP secrets, itself sealed under COOKIE_SECRET (factors.py)
 RECOVERY = "sa:rc:"  # + uid: set of HMACs of the unused recovery codes
 TOTP_SETUP = "sa:totp:setup:"  # + uid: hash c (encrypted secret not yet confirmed), x (deadline ms); TTL
 PENDING_LOGIN = "sa:lp:"  # + SHA-256 of the pending step's id: hash u, e (email), n (next), x (deadline); TTL
