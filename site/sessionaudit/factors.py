@@ -54,7 +54,7 @@ SIX_DIGITS = re.compile(r"[0-9]{6}")
 TOTP, RECOVERY = events.BY_TOTP, events.BY_RECOVERY_CODE  # the two kinds of code, named as the login reasons
 
 # Accept a second-factor code for a user: `kind` 'totp' with its time step, or 'recovery_code' with
-# the code's HMACs (one per key version, space-separated). code_ok only checks: it returns 'ok' and
+# the code's HMAC (or several, space-separated). code_ok only checks: it returns 'ok' and
 # what to take, 'off' (no TOTP) or 'used' (a step not after the last accepted one, or no such unused
 # recovery code); take_code then writes, after the script's event.
 LUA_CODES = r"""
