@@ -15,9 +15,11 @@ import tornado.web
 from . import events, views
 from .audit import AuditLog
 from .config import Settings
-from .handlers import account, admin, auth, public
+from .factors import FactorStore
+from .handlers import account, admin, auth, public, security
 from .live import LiveHub
 from .metrics import Metrics, method_label
+from .passkeys import PasskeyStore
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
 from .sessions import SessionStore
@@ -47,6 +49,8 @@ class Context:
                                      lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count,
                                      binding=settings.session_binding)
         self.throttle = Throttle(redis, settings, clock, count)
+        self.factors = FactorStore(redis, settings, clock, self.sessions, count)
+        self.passkeys = PasskeyStore(redis, settings, clock, self.sessions, count)
         self.audit = AuditLog(redis)
         self.stats = Stats(redis, clock)
         self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set,
@@ -100,16 +104,28 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
     ctx = Context(settings, redis, clock)
     views.warm_up()
     ref = r"([A-Za-z0-9_-]{16})"
+    passkey = r"([A-Za-z0-9_-]{22})"
     routes: list[Any] = [
         (r"/", public.HomeHandler),
         (r"/healthz", public.HealthHandler),
         (r"/register", auth.RegisterHandler),
         (r"/login", auth.LoginHandler),
         (r"/logout", auth.LogoutHandler),
+        (r"/login/verify", security.LoginVerifyHandler),
+        (r"/login/passkey", security.PasskeyLoginHandler),
+        (r"/login/passkey/options", security.PasskeyLoginOptionsHandler),
         (r"/account", account.AccountHandler),
         (r"/account/password", account.PasswordHandler),
         (r"/account/sessions/revoke-others", account.RevokeOthersHandler),
         (rf"/account/sessions/{ref}/revoke", account.RevokeOwnHandler),
+        (r"/account/security", security.SecurityHandler),
+        (r"/account/security/totp", security.TotpSetupHandler),
+        (r"/account/security/totp/confirm", security.TotpConfirmHandler),
+        (r"/account/security/totp/disable", security.TotpDisableHandler),
+        (r"/account/security/passkeys", security.PasskeyAddHandler),
+        (r"/account/security/passkeys/options", security.PasskeyOptionsHandler),
+        (rf"/account/security/passkeys/{passkey}/rename", security.PasskeyRenameHandler),
+        (rf"/account/security/passkeys/{passkey}/remove", security.PasskeyRemoveHandler),
         (r"/admin/?", admin.DashboardHandler),
         (r"/admin/audit", admin.AuditHandler),
         (r"/admin/audit\.ndjson", admin.AuditExportHandler, {"fmt": "ndjson"}),
@@ -120,6 +136,7 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
         (rf"/admin/sessions/{ref}/revoke", admin.AdminRevokeHandler),
         (r"/admin/users/([0-9]+)", admin.UserTimelineHandler),
         (r"/admin/users/([0-9]+)/revoke", admin.AdminRevokeAllHandler),
+        (r"/admin/users/([0-9]+)/mfa/reset", admin.MfaResetHandler),
         (r"/admin/users/([0-9]+)/(admin|disable|enable|unadmin)", admin.UserFlagHandler),
         (r"/(favicon\.ico)", tornado.web.StaticFileHandler, {"path": settings.static_path}),
     ]

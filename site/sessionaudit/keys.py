@@ -50,6 +50,15 @@ FAIL_ADDRESS = "sa:f:i:"  # + ip
 FAIL_DEVICE = "sa:f:d:"  # + device id: failures made with that browser's device cookie
 FAIL_REGISTER = "sa:f:r:"  # + ip: refused registrations
 THROTTLE_DUE = "sa:f:due"  # zset: throttle keys with refused attempts not yet recorded, by when they are due
+# Second factors (factors.py, passkeys.py). Secrets are stored encrypted (factors.SecretBox).
+MFA = "sa:mfa:"  # + uid: hash totp (encrypted secret), step (last accepted time step), since (ms)
+MFA_KEY = "sa:mfa:key"  # the data key sealing TOTP secrets, itself sealed under COOKIE_SECRET (factors.py)
+RECOVERY = "sa:rc:"  # + uid: set of HMACs of the unused recovery codes
+TOTP_SETUP = "sa:totp:setup:"  # + uid: hash c (encrypted secret not yet confirmed), x (deadline ms); TTL
+PENDING_LOGIN = "sa:lp:"  # + SHA-256 of the pending step's id: hash u, e (email), n (next), x (deadline); TTL
+PASSKEY = "sa:pk:"  # + passkey ref: hash u, id, k (COSE key), n (sign count), name, a (added), l (last used), ...
+PASSKEYS = "sa:pks:"  # + uid: set of that user's passkey refs
+CHALLENGE_USED = "sa:wc:"  # + challenge nonce: a WebAuthn challenge already used; TTL until it expires
 agents_key = events.agents_key
 
 
@@ -97,10 +106,11 @@ local function agent(key, id)
   return ua
 end
 
--- The dashboard's counters: `n` events of type `t` at `at` (ms); failed logins also by minute and
--- by address (the FAIL_IPS_MAX addresses with most failures each hour: a flood from many
--- addresses cannot grow the table).
-local function count_stats(at, t, ip, n)
+-- The dashboard's counters: `n` events of type `t` at `at` (ms); logins also by how they were proved
+-- (field 'login:<reason>', one of the four the scripts pass); failed logins also by minute and by
+-- address (the FAIL_IPS_MAX addresses with most failures each hour: a flood from many addresses
+-- cannot grow the table).
+local function count_stats(at, t, ip, n, reason)
   local hour = math.floor(at / 3600000)
   local day = math.floor(at / 86400000)
   local hkey = 'sa:st:h:' .. string.format('%.0f', hour)
@@ -109,6 +119,10 @@ local function count_stats(at, t, ip, n)
   redis.call('EXPIRE', hkey, 3 * 86400)
   redis.call('HINCRBY', dkey, t, n)
   redis.call('EXPIRE', dkey, 400 * 86400)
+  if t == 'login' and reason and reason ~= '' then
+    redis.call('HINCRBY', hkey, 'login:' .. reason, n)
+    redis.call('HINCRBY', dkey, 'login:' .. reason, n)
+  end
   if t == 'login_failed' then
     local mkey = 'sa:st:fm:' .. string.format('%.0f', math.floor(at / 60000))
     redis.call('INCRBY', mkey, n)
@@ -157,7 +171,7 @@ local function emit(now, ev)
       redis.call('HSET', 'sa:sessev', ev.s, prev and (prev .. ' ' .. id) or id)
     end
   end
-  if not ev.n then count_stats(at, ev.t, ev.i, 1) end
+  if not ev.n then count_stats(at, ev.t, ev.i, 1, ev.r) end
   return id
 end
 

@@ -26,44 +26,54 @@ import redis.asyncio as aioredis
 
 from . import events, keys, throttle
 
-# ARGV: now, ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email, method,
-#       device (the id of the browser's device cookie for this account, '' none), pair (see TOUCH)
-# Returns the user's email, or false when the account is gone or disabled.
+# Log in: a Lua function that scripts which finish a login of their own (a second factor, a passkey)
+# include and call with the offset of its 14 arguments in ARGV (``SessionStore.login_args``):
+#   ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email, method,
+#   device (the id of the browser's device cookie for this account, '' none), pair (see TOUCH)
+# Returns the user's email, or false (nothing written) when the account is gone or disabled.
 # The session hash holds three numbers (u uid, l last seen, x lifetime deadline): its deadline is
 # its score in the deadline index, and when, where from and with what it began is its login event.
-LOGIN = r"""
-local now, ref, uid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local idle, lifetime, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local ip, ua, old_ref = ARGV[7], ARGV[8], ARGV[9]
-local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
-if not user[1] or user[2] == '1' then return false end
-local email = user[1]
-local old_uid = old_ref ~= '' and redis.call('HGET', 'sa:s:' .. old_ref, 'u')
-local old_deadline = old_uid and deadline_of(old_ref)
--- Events first: the browser's previous session ends, then the new one begins.
-if old_uid and old_deadline then
-  if now >= old_deadline then
-    expire_member(now, old_ref, old_deadline)
-  else
-    local oemail = redis.call('HGET', 'sa:user:' .. old_uid, 'email') or ''
-    emit(now, {t = 'logout', u = old_uid, e = oemail, s = old_ref, i = ip, g = ua})
-    drop_session(old_ref, old_uid, old_ref)
+LUA_LOGIN = r"""
+local function login_session(now, at)
+  local A = function(i) return ARGV[at + i - 1] end
+  local ref, uid = A(1), A(2)
+  local idle, lifetime, slack = tonumber(A(3)), tonumber(A(4)), tonumber(A(5))
+  local ip, ua, old_ref = A(6), A(7), A(8)
+  local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
+  if not user[1] or user[2] == '1' then return false end
+  local email = user[1]
+  local old_uid = old_ref ~= '' and redis.call('HGET', 'sa:s:' .. old_ref, 'u')
+  local old_deadline = old_uid and deadline_of(old_ref)
+  -- Events first: the browser's previous session ends, then the new one begins.
+  if old_uid and old_deadline then
+    if now >= old_deadline then
+      expire_member(now, old_ref, old_deadline)
+    else
+      local oemail = redis.call('HGET', 'sa:user:' .. old_uid, 'email') or ''
+      emit(now, {t = 'logout', u = old_uid, e = oemail, s = old_ref, i = ip, g = ua})
+      drop_session(old_ref, old_uid, old_ref)
+    end
   end
+  emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua, r = A(12)})
+  local deadline = math.min(now + idle, now + lifetime)
+  local key = 'sa:s:' .. ref
+  redis.call('HSET', key, 'u', uid, 'l', string.format('%.0f', now), 'x', string.format('%.0f', now + lifetime))
+  if A(14) and A(14) ~= '' then redis.call('HSET', key, 'h', A(14)) end
+  redis.call('PEXPIRE', key, deadline - now + slack)
+  redis.call('ZADD', 'sa:deadlines', deadline, ref)
+  redis.call('SADD', 'sa:us:' .. uid, ref)
+  if A(9) ~= '' and user[3] == A(10) then
+    redis.call('HSET', 'sa:user:' .. uid, 'hash', A(9))
+  end
+  -- A success clears the failures it was throttled by: the device's, or else the account's.
+  if A(13) ~= '' then redis.call('DEL', 'sa:f:d:' .. A(13)) else redis.call('DEL', 'sa:f:a:' .. A(11)) end
+  return email
 end
-emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua, r = ARGV[13]})
-local deadline = math.min(now + idle, now + lifetime)
-local key = 'sa:s:' .. ref
-redis.call('HSET', key, 'u', uid, 'l', ARGV[1], 'x', string.format('%.0f', now + lifetime))
-if ARGV[15] and ARGV[15] ~= '' then redis.call('HSET', key, 'h', ARGV[15]) end
-redis.call('PEXPIRE', key, deadline - now + slack)
-redis.call('ZADD', 'sa:deadlines', deadline, ref)
-redis.call('SADD', 'sa:us:' .. uid, ref)
-if ARGV[10] ~= '' and user[3] == ARGV[11] then
-  redis.call('HSET', 'sa:user:' .. uid, 'hash', ARGV[10])
-end
--- A success clears the failures it was throttled by: the device's, or else the account's.
-if ARGV[14] ~= '' then redis.call('DEL', 'sa:f:d:' .. ARGV[14]) else redis.call('DEL', 'sa:f:a:' .. ARGV[12]) end
-return email
+"""
+
+# ARGV: now, then the 14 arguments of login_session. Returns the user's email, or false.
+LOGIN = LUA_LOGIN + r"""
+return login_session(tonumber(ARGV[1]), 2)
 """
 
 # The hot path: one round trip per authenticated request.
@@ -342,15 +352,23 @@ class SessionStore:
         that device cookie). Returns (session id, ref), or
         None when the account was removed or disabled meanwhile.
         """
-        session_id = self.new_id()
-        ref = self.ref(session_id)
-        email = await self.scripts.login(args=[
-            self.now_ms(), ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent,
-            old_ref, new_hash, old_hash, email_key, method, device or "", self.pair(ip, user_agent)])
+        session_id, ref, args = self.login_args(uid, email_key, ip=ip, user_agent=user_agent, old_ref=old_ref,
+                                                new_hash=new_hash, old_hash=old_hash, method=method, device=device)
+        email = await self.scripts.login(args=[self.now_ms(), *args])
         if not email:
             return None
         self.count("login", 1)
         return session_id, ref
+
+    def login_args(self, uid: str, email_key: str, *, ip: str, user_agent: str, old_ref: str = "",
+                   new_hash: str = "", old_hash: str = "", method: str = events.BY_PASSWORD,
+                   device: str | None = None) -> tuple[str, str, list[str | int]]:
+        """A new session id, its ref, and the 14 ARGV values of ``login_session`` (see LUA_LOGIN), for a
+        script that finishes a login of its own."""
+        session_id = self.new_id()
+        ref = self.ref(session_id)
+        return session_id, ref, [ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent, old_ref,
+                                 new_hash, old_hash, email_key, method, device or "", self.pair(ip, user_agent)]
 
     def pair(self, ip: str, user_agent: str) -> int:
         """Digests of a request's address and browser, as one number: address * 2^26 + browser.

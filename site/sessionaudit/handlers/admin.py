@@ -216,7 +216,9 @@ class UserTimelineHandler(AdminHandler):
         if q.before or q.after or page.older:
             recent = (await self.ctx.audit.page(Query(user=user.email, limit=200))).events
         spans = views.session_spans(recent, self.now_ms())
-        self.render("admin_user.html", user=user, q=q, page=page, live=live, types=events.TYPES, spans=spans)
+        factors = await self.ctx.factors.view(uid)
+        self.render("admin_user.html", user=user, q=q, page=page, live=live, types=events.TYPES, spans=spans,
+                    factors=factors)
 
 
 class SessionsHandler(AdminHandler):
@@ -267,6 +269,22 @@ class AdminRevokeAllHandler(AdminHandler):
             raise tornado.web.HTTPError(404)
         security_log.warning("admin %s ended %d session(s) of user %s", self.current.email, ended, uid)
         self.redirect(_back(self.get_argument("next", ""), f"/admin/users/{uid}"), status=303)
+
+
+class MfaResetHandler(AdminHandler):
+    """Remove every second factor of a user (TOTP, recovery codes, passkeys): the way back in for
+    someone who lost them all. Recorded as `mfa_disabled`, reason admin, with the admin as actor."""
+
+    @form
+    @admin
+    async def post(self, uid: str) -> None:
+        assert self.current
+        result = await self.ctx.factors.reset(uid, actor=self.current.email, ip=self.client_ip,
+                                              user_agent=self.user_agent)
+        if result is None:
+            raise tornado.web.HTTPError(404)
+        security_log.warning("admin %s: reset the second factors of user %s (%s)", self.current.email, uid, result)
+        self.redirect(f"/admin/users/{uid}", status=303)
 
 
 class UserFlagHandler(AdminHandler):
