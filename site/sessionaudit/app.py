@@ -15,11 +15,13 @@ import tornado.web
 from . import events, views
 from .audit import AuditLog
 from .config import Settings
-from .handlers import account, admin, auth, public
+from .handlers import account, admin, auth, public, reset
 from .live import LiveHub
+from .mail import Mailer
 from .metrics import Metrics
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
+from .resets import ResetStore
 from .sessions import SessionStore
 from .stats import Stats
 from .throttle import Throttle
@@ -50,6 +52,8 @@ class Context:
         self.stats = Stats(redis, clock)
         self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set)
         self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
+        self.resets = ResetStore(redis, settings, clock, count)
+        self.mailer = Mailer(settings, count=self.metrics.mail_result, pending=self.metrics.mail_queue.set)
         self.jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(settings.template_path),
             autoescape=True,
@@ -119,6 +123,10 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
         (r"/admin/users/([0-9]+)", admin.UserTimelineHandler),
         (r"/admin/users/([0-9]+)/revoke", admin.AdminRevokeAllHandler),
         (r"/admin/users/([0-9]+)/(admin|disable|enable|unadmin)", admin.UserFlagHandler),
+        (r"/admin/users/([0-9]+)/reset", admin.AdminSendResetHandler),
+        (r"/password/forgot", reset.ForgotHandler),
+        # Any path under it, so that no mistyped or cut link is ever logged as it came (see ResetHandler).
+        (r"/password/reset/(.*)", reset.ResetHandler),
         (r"/(favicon\.ico)", tornado.web.StaticFileHandler, {"path": settings.static_path}),
     ]
     app = Application(
