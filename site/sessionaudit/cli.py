@@ -246,8 +246,8 @@ async def serve(settings: Settings, url: str) -> None:
     log_mail_setup(settings, ctx.mailer)
     with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         if not await ctx.users.any_admin():
-            log.warning("no admin account yet: create one beside this server with `python server.py create-user "
-                        "--email=you@example.com --admin%s`", _same_redis(settings))
+            log.warning("no admin account yet: create one beside this server with `%s create-user "
+                        "--email=you@example.com --admin%s`", _this_command(), _same_redis(settings))
     server = tornado.httpserver.HTTPServer(app, xheaders=settings.xheaders, max_body_size=1024 * 1024,
                                           idle_connection_timeout=60, body_timeout=30)
     try:
@@ -307,6 +307,14 @@ def log_mail_setup(settings: Settings, mailer: Any) -> None:
     if not settings.public_url:
         log.warning("mail: no --public-url: links in mail point to %s, which may not be how people reach the site",
                     settings.origin)
+
+
+def _this_command() -> str:
+    """How this server was started (``.venv/bin/python server.py``), to show a command to run beside it."""
+    python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") \
+        else sys.executable
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("server.py") else "server.py"
+    return f"{python} {script}"
 
 
 def _same_redis(settings: Settings) -> str:
