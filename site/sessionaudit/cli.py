@@ -311,8 +311,9 @@ def log_mail_setup(settings: Settings, mailer: Any) -> None:
 
 def _this_command() -> str:
     """How this server was started (``.venv/bin/python server.py``), to show a command to run beside it."""
-    python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") \
-        else sys.executable
+    python = os.path.relpath(sys.executable)
+    if python.startswith(".."):
+        python = sys.executable
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith("server.py") else "server.py"
     return f"{python} {script}"
 
