@@ -250,3 +250,17 @@ async def test_maintenance_user_trims_and_does_nothing_else(browser: Browser, ne
         with pytest.raises(NoPermissionError):
             await maint.execute_command(*command)
     assert await admin.hget(keys.USER + new_uid, "email") == b"new@example.com"
+
+
+async def test_maintenance_user_drops_the_dictionaries_of_trimmed_days(browser: Browser, new_browser: Any,
+                                                                       clock: Any, maint: aioredis.Redis,
+                                                                       admin: aioredis.Redis) -> None:
+    await browser.register("old@example.com")
+    clock.advance(2 * 86_400)
+    await new_browser().register("new@example.com")
+    assert len(await admin.keys(keys.AGENTS + "*")) == 2
+    while await AuditLog(maint).trim_step(int(clock() * 1000) - 86_400_000):
+        pass
+    [left] = await admin.keys(keys.AGENTS + "*")
+    assert left.decode() == keys.agents_key(f"{int(clock() * 1000)}-0")
+    assert {e.user for e in await read_events(admin)} == {"new@example.com"}

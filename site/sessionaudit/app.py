@@ -18,7 +18,7 @@ from .config import Settings
 from .handlers import account, admin, auth, public, reset
 from .live import LiveHub
 from .mail import Mailer
-from .metrics import Metrics
+from .metrics import Metrics, method_label
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
 from .resets import ResetStore
@@ -46,11 +46,13 @@ class Context:
         count = self.metrics.event
         self.users = UserStore(redis, clock, count)
         self.sessions = SessionStore(redis, settings.session_keys(), clock, idle=settings.session_idle,
-                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count)
+                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count,
+                                     binding=settings.session_binding)
         self.throttle = Throttle(redis, settings, clock, count)
         self.audit = AuditLog(redis)
         self.stats = Stats(redis, clock)
-        self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set)
+        self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set,
+                            allowed=self.sessions.live_admins, recheck=settings.live_recheck)
         self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
         self.resets = ResetStore(redis, settings, clock, count)
         self.mailer = Mailer(settings, count=self.metrics.mail_result, pending=self.metrics.mail_queue.set)
@@ -160,9 +162,10 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     current = getattr(handler, "current", None)
     level = logging.INFO if status < 500 else logging.ERROR
     if status >= 500 or access_log.isEnabledFor(logging.INFO):
+        method = method_label(handler.request.method)
         access_log.log(level, "%s %s %s %d %.1fms user=%s", getattr(handler, "request_id", "-"),
-                       handler.request.method, handler.request.path, status, seconds * 1000,
+                       method, handler.request.path, status, seconds * 1000,
                        current.uid if current else "-",
-                       extra={"request_id": getattr(handler, "request_id", None), "method": handler.request.method,
+                       extra={"request_id": getattr(handler, "request_id", None), "method": method,
                               "route": route, "path": handler.request.path, "status": status,
                               "duration_ms": round(seconds * 1000, 2), "user": current.uid if current else None})

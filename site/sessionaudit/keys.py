@@ -34,7 +34,10 @@ LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
 USER_NEXT = "sa:user:next"
 EMAILS = "sa:emails"  # hash: normalized email -> uid
-SESSION = "sa:s:"  # + ref: hash u (uid), l (last seen), x (lifetime deadline); the deadline is its index score
+# + ref: hash u (uid), l (last seen), x (lifetime deadline), h (digests of the address and browser it
+# last used), m (1 address, 2 browser, 3 both: how it has moved since sign-in); the deadline is its index score
+SESSION = "sa:s:"
+MOVED = "sa:st:moved"  # zset: refs of sessions that moved, by the time of their last move (the last 24 hours)
 DEADLINES = "sa:deadlines"  # zset: session refs scored by deadline (ms)
 USER_SESSIONS = "sa:us:"  # + uid: set of live session refs
 STATS_HOUR = "sa:st:h:"  # + hour number: hash type -> count
@@ -147,8 +150,12 @@ local function emit(now, ev)
     redis.call('XADD', 'audit:u:' .. ev.u, id, 't', ev.t)
   end
   if ev.s and ev.s ~= '' then
+    -- A session's timeline: its login, its end, and its first moves (a session that keeps moving
+    -- has the rest in the trail, and cannot grow this entry past about 1 KB).
     local prev = redis.call('HGET', 'sa:sessev', ev.s)
-    redis.call('HSET', 'sa:sessev', ev.s, prev and (prev .. ' ' .. id) or id)
+    if not prev or ev.t ~= 'session_changed' or #prev < 1024 then
+      redis.call('HSET', 'sa:sessev', ev.s, prev and (prev .. ' ' .. id) or id)
+    end
   end
   if not ev.n then count_stats(at, ev.t, ev.i, 1) end
   return id

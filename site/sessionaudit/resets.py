@@ -159,7 +159,7 @@ class ResetStore:
         result, wait = await self.scripts.request(args=[
             self._now(), email, ip, user_agent, digest(token), self.ttl_ms, TOKEN_SLACK_MS,
             s.login_account_threshold, s.login_address_threshold, int(s.login_backoff_base * 1000),
-            int(s.login_backoff_max * 1000), s.login_window * 1000, throttle.DOOR_BUDGET, actor,
+            int(s.login_backoff_max * 1000), s.login_window * 1000, s.door_budget, actor,
             "1" if throttled else "0"])
         if result == b"throttled":
             return Requested(token=None, retry_after=max(1, math.ceil(int(wait) / 1000)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -31,6 +31,8 @@ class Overview:
     top_failing: list[tuple[str, int]]
     hours: Buckets
     days: Buckets
+    moved: int = 0  # sessions that moved in the last 24 hours
+    moved_latest: list[tuple[str, int]] = field(default_factory=list)  # (ref, when), the latest first
 
 
 class Stats:
@@ -53,6 +55,8 @@ class Stats:
             pipe.hget(keys.STATS_DAY + str(day), "login")
             pipe.mget([keys.FAIL_MINUTE + str(m) for m in range(minute - 59, minute + 1)])
             pipe.zunion([keys.FAIL_IPS + str(h) for h in hours], withscores=True)
+            pipe.zcount(keys.MOVED, now - DAY_MS, "+inf")
+            pipe.zrevrangebyscore(keys.MOVED, "+inf", now - DAY_MS, start=0, num=10, withscores=True)
             replies = await pipe.execute()
         live = replies[0]
         hour_rows = replies[1:25]
@@ -61,7 +65,8 @@ class Stats:
         failures = sum(int(v) for v in replies[56] if v)
         top = sorted(((ip.decode(), int(score)) for ip, score in replies[57]), key=lambda t: (-t[1], t[0]))[:10]
         return Overview(live, logins_today, failures, top,
-                        _buckets(hours, hour_rows, HOUR_MS, "hour"), _buckets(days, day_rows, DAY_MS, "day"))
+                        _buckets(hours, hour_rows, HOUR_MS, "hour"), _buckets(days, day_rows, DAY_MS, "day"),
+                        moved=replies[58], moved_latest=[(ref.decode(), int(at)) for ref, at in replies[59]])
 
 
 def _buckets(numbers: list[int], rows: list[list[bytes | None]], size: int, unit: str) -> Buckets:
