@@ -16,12 +16,14 @@ from . import events, views
 from .audit import AuditLog
 from .config import Settings
 from .factors import FactorStore
-from .handlers import account, admin, auth, public, security
+from .handlers import account, admin, auth, public, reset, security
 from .live import LiveHub
+from .mail import Mailer
 from .metrics import Metrics, method_label
 from .passkeys import PasskeyStore
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
+from .resets import ResetStore
 from .sessions import SessionStore
 from .stats import Stats
 from .throttle import Throttle
@@ -56,6 +58,8 @@ class Context:
         self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set,
                             allowed=self.sessions.live_admins, recheck=settings.live_recheck)
         self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
+        self.resets = ResetStore(redis, settings, clock, count)
+        self.mailer = Mailer(settings, count=self.metrics.mail_result, pending=self.metrics.mail_queue.set)
         self.jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(settings.template_path),
             autoescape=True,
@@ -138,6 +142,10 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
         (r"/admin/users/([0-9]+)/revoke", admin.AdminRevokeAllHandler),
         (r"/admin/users/([0-9]+)/mfa/reset", admin.MfaResetHandler),
         (r"/admin/users/([0-9]+)/(admin|disable|enable|unadmin)", admin.UserFlagHandler),
+        (r"/admin/users/([0-9]+)/reset", admin.AdminSendResetHandler),
+        (r"/password/forgot", reset.ForgotHandler),
+        # Any path under it, so that no mistyped or cut link is ever logged as it came (see ResetHandler).
+        (r"/password/reset/(.*)", reset.ResetHandler),
         (r"/(favicon\.ico)", tornado.web.StaticFileHandler, {"path": settings.static_path}),
     ]
     app = Application(

@@ -44,9 +44,19 @@ class Metrics:
         self.hash_seconds = Histogram("sessionaudit_argon2_seconds", "Time of one argon2 hash or verify",
                                       registry=r, buckets=(.01, .025, .05, .1, .2, .4, .8, 1.6))
         self.followers = Gauge("sessionaudit_live_followers", "Admins following the audit trail", registry=r)
+        self.mail = Counter("sessionaudit_mail", "Mail by result: sent (to the SMTP server), written (to the outbox, "
+                            "no SMTP server), retry (a temporary failure), kept (not deliverable: left in the outbox), "
+                            "dropped (queue full)", ["result"], registry=r)
+        for result in ("sent", "written", "retry", "kept", "dropped"):
+            self.mail.labels(result)  # every series from the start, so a rate() sees the first failure
+        self.mail_queue = Gauge("sessionaudit_mail_queue", "Mail waiting to be delivered (queued or between tries)",
+                                registry=r)
 
     def login(self, result: str) -> None:
         self.logins.labels(result).inc()
+
+    def mail_result(self, result: str) -> None:
+        self.mail.labels(result).inc()
 
     def event(self, kind: str, n: int = 1) -> None:
         self.events.labels(kind).inc(n)
