@@ -57,6 +57,7 @@ LOAD_EMAIL = "flood.load@example.com"
 OTHER_EMAIL = "flood.bystander@example.com"
 WRONG = "not the password 0000"
 DAY_MS = 86_400_000
+SETTLE_S = 3.0  # Redis shrinks the buffers of a connection idle for 2 s
 
 
 class Flood:
@@ -108,10 +109,14 @@ class Flood:
         wait_quiet(site.pid)
         _snapshot(client)
         self._throttle(MEMORY_EMAIL)
+        # Redis shrinks the buffers of connections idle for 2 s: the baseline, and the reading once
+        # the sweeper has recorded the last summary, are taken with the connections settled.
+        time.sleep(SETTLE_S)
         last = client.xrevrange(keys.AUDIT, "+", "-", count=1)[0][0].decode()
         before = _snapshot(client)
         log(f"flood: {n:,} refused logins to one account, one connection, a new 2 KB User-Agent each")
         res = b.load.flood(site.port, MEMORY_EMAIL, WRONG, count=n)
+        ended = time.monotonic()
         after = _snapshot(client)
         key = keys.FAIL_ACCOUNT + MEMORY_EMAIL
         pending_until = client.hget(key + ":p", "w")
@@ -119,6 +124,7 @@ class Flood:
         flushed = None
         if wait_s <= 30:
             _wait_flushed(client, key, wait_s + 10)
+            time.sleep(max(0.0, ended + SETTLE_S - time.monotonic()))
             flushed = _snapshot(client)
         else:
             log(f"flood: not waiting {wait_s:.0f} s for the sweeper's last summary")

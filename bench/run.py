@@ -305,7 +305,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                                                         if with_summary is not None else "")
         n_events = fm.get("events_with_summary", fm["events_after_attempts"])
         add(f"9 Redis memory per refused login ({_n(fm['attempts'])}, one client, new 2 KB UA each)", result,
-            f"{n_events} events for {fm['attempts']:,} attempts; in keys {fm['key_bytes_per_attempt']:.1f} B",
+            f"{n_events} events for {fm['attempts']:,} attempts; of the first: keys "
+            f"{fm['key_bytes_per_attempt']:.1f} B, connection buffers {fm['connection_bytes_per_attempt']:.1f} B",
             "", "<= 150 B", fm["bytes_per_attempt_worst"] <= 150 and fm["trail_accounts_for_every_refusal"])
     else:
         missing("9 Redis memory per refused login", "<= 150 B", "flood_memory")
