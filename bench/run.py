@@ -95,7 +95,7 @@ class Bench:
             "audit": 30 + o.events_large / 8000 + o.rounds * 4 * (o.audit_duration + 1.5),
             "export": 45,
             "expiry": 15 + o.sessions / 6000 + o.bursts * 12,
-            "flood": 30 + o.flood_attempts / 400 + o.rounds * (2 * o.flood_duration + 6)
+            "flood": 35 + o.flood_attempts / 400 + o.rounds * (2 * o.flood_duration + 6)
             + o.trail_days * o.trail_per_day / 5000,
         }[phase]
 
