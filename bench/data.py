@@ -9,7 +9,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import argon2
@@ -141,15 +141,21 @@ def generate_events(n: int, end_ms: int, spacing_ms: int, spec: EventSpec, seed:
 
 def load_events(client: redis.Redis, n: int, spec: EventSpec, end_ms: int, spacing_ms: int = 2500,
                 per_call: int = 1000, calls_per_pipe: int = 4) -> float:
-    """Append ``n`` events through ``emit``; return the seconds it took. Generation runs in a
-    thread so Python's work overlaps Redis's."""
+    """Append ``n`` events through ``emit``; return the seconds it took."""
+    return load_stream(client, generate_events(n, end_ms, spacing_ms, spec), per_call, calls_per_pipe)
+
+
+def load_stream(client: redis.Redis, events: Iterable[list[object]], per_call: int = 1000,
+                calls_per_pipe: int = 4) -> float:
+    """Append ``events`` (LOADER argument groups, oldest first) through ``emit``; return the seconds
+    it took. Generation runs in a thread so Python's work overlaps Redis's."""
     script = client.register_script(keys.LUA_PRELUDE + LOADER)
     batches: queue.Queue[list[object] | None] = queue.Queue(maxsize=8)
 
     def produce() -> None:
         group: list[object] = []
         count = 0
-        for event in generate_events(n, end_ms, spacing_ms, spec):
+        for event in events:
             group.extend(event)
             count += 1
             if count == per_call:

@@ -9,7 +9,9 @@ Measurements: 1 authenticated page vs a floor handler and a plain one (req/s, CP
 2 Redis commands and round trips per page (INFO commandstats, MONITOR); 3 /account p99 during a
 login storm; 4 login p50 vs one argon2 verify, and login rate; 5 /admin/audit on 1k vs 1M events;
 6 the ndjson export of 1M events (events/s, server RSS growth); 7 expiry lag with 100k live
-sessions, 10k expiring in one second; 8 Redis memory per live session and per audit event.
+sessions, 10k expiring in one second; 8 Redis memory per live session and per audit event; 9 a
+flood of refused logins: Redis memory per attempt, /account p99 during the flood, and the user-agent
+dictionaries after a retention trim.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from auditscale import AuditScale
 from common import BENCH, COOKIE_SECRET, Children, Pinning, dump_json, log
 from expiry import Expiry
+from flood import Flood
 from load import Load
 from web import Web
 
-SECTIONS = ("pages", "redis", "storm", "login", "audit", "export", "expiry")
+SECTIONS = ("pages", "redis", "storm", "login", "audit", "export", "expiry", "flood")
 
 
 @dataclass
@@ -53,10 +56,17 @@ class Options:
     sessions: int = 100_000
     burst: int = 10_000
     bursts: int = 2
+    flood_attempts: int = 5_000  # refused logins whose memory is measured
+    flood_duration: int = 5  # s per paced run, calm and during the flood
+    flood_conns: int = 8  # connections of the flooding process
+    trail_days: int = 14
+    trail_per_day: int = 3_000  # events a day, each with a new user agent
+    trail_keep_days: int = 3
 
 
 QUICK = Options(rounds=1, duration=2, storm_duration=3, audit_duration=2, login_samples=3, redis_requests=100,
-                events_large=100_000, export_runs=1, export_timeout=30.0, sessions=20_000, burst=2_000, bursts=1)
+                events_large=100_000, export_runs=1, export_timeout=30.0, sessions=20_000, burst=2_000, bursts=1,
+                flood_attempts=2_000, flood_duration=3, trail_days=7, trail_per_day=1_000)
 
 
 class Bench:
@@ -85,6 +95,8 @@ class Bench:
             "audit": 30 + o.events_large / 8000 + o.rounds * 4 * (o.audit_duration + 1.5),
             "export": 45,
             "expiry": 15 + o.sessions / 6000 + o.bursts * 12,
+            "flood": 35 + o.flood_attempts / 400 + o.rounds * (2 * o.flood_duration + 6)
+            + o.trail_days * o.trail_per_day / 5000,
         }[phase]
 
     def spare(self, phase: str) -> float:
@@ -148,6 +160,21 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
                 _fail(results, "expiry", e)
             finally:
                 expiry.close()
+        if "flood" in wanted:
+            flood = Flood(bench)
+            try:
+                flood.start()
+                results["flood"] = {}
+                for part, fn in (("memory", flood.memory), ("pages", flood.pages),
+                                 ("dictionaries", flood.dictionaries)):
+                    try:
+                        results["flood"][part] = fn()
+                    except Exception as e:
+                        _fail(results, f"flood_{part}", e)
+            except Exception as e:
+                _fail(results, "flood", e)
+            finally:
+                flood.close()
     finally:
         children.close()
         if args.keep_tmp:
@@ -184,7 +211,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         out.append((what, result, base, rat, bar, "n/a" if ok is None else ("met" if ok else "MISSED")))
 
     def missing(what: str, bar: str, key: str) -> None:
-        group = {"pages": "web", "redis": "web", "storm": "web", "login": "web", "export": "audit"}.get(key, key)
+        group = {"pages": "web", "redis": "web", "storm": "web", "login": "web", "export": "audit",
+                 "flood_memory": "flood", "flood_pages": "flood", "flood_dictionaries": "flood"}.get(key, key)
         err = r["errors"].get(key) or r["errors"].get(group)
         add(what, "error" if err else "not run", "", "", bar, None)
 
@@ -269,6 +297,39 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     if al:
         add(f"8 Redis memory per audit event ({_n(al['events'])})", f"{al['bytes_per_event']:.0f} B",
             f"loaded at {al['load_events_per_s']:,.0f} events/s", "", "<= 300 B", al["bytes_per_event"] <= 300)
+    fl = r.get("flood") or {}
+    fm = fl.get("memory")
+    if fm:
+        with_summary = fm.get("bytes_per_attempt_with_summary")
+        result = f"{fm['bytes_per_attempt']:.1f} B" + (f", {with_summary:.1f} B with its summary"
+                                                        if with_summary is not None else "")
+        n_events = fm.get("events_with_summary", fm["events_after_attempts"])
+        add(f"9 Redis memory per refused login ({_n(fm['attempts'])}, one client, new 2 KB UA each)", result,
+            f"{n_events} events for {fm['attempts']:,} attempts; of the first: keys "
+            f"{fm['key_bytes_per_attempt']:.1f} B, connection buffers {fm['connection_bytes_per_attempt']:.1f} B",
+            "", "<= 150 B", fm["bytes_per_attempt_worst"] <= 150 and fm["trail_accounts_for_every_refusal"])
+    else:
+        missing("9 Redis memory per refused login", "<= 150 B", "flood_memory")
+    fp = fl.get("pages")
+    if fp:
+        add(f"9 /account p99 during a login flood ({fp['flood_conns']} conns, {fp['flood_rate']:,.0f} refused/s; "
+            f"{fp['rate']} req/s paced)", f"{fp['p99_flood_ms']:.1f} ms",
+            f"calm {fp['p99_calm_ms']:.1f} ms (p50 {fp['p50_flood_ms']:.1f} vs {fp['p50_calm_ms']:.1f} ms; site CPU "
+            f"{fp['site_cpu_util_flood']:.0%} vs {fp['site_cpu_util_calm']:.0%})", f"{fp['p99_ratio']:.2f}x", "<= 2x",
+            fp["p99_ratio"] <= 2)
+    else:
+        missing("9 /account p99 during a login flood", "<= 2x", "flood_pages")
+    fd = fl.get("dictionaries")
+    if fd:
+        a, b = fd["after"], fd["before"]
+        add(f"9 user-agent dictionaries after `audit trim` ({fd['days']} days, {_n(fd['events'])} agents, "
+            f"keep {fd['keep_days']})",
+            f"{len(a['days'])} days, {a['entries']:,} entries, {a['bytes'] / 2**20:.1f} MiB",
+            f"before {len(b['days'])} days, {b['entries']:,} entries, {b['bytes'] / 2**20:.1f} MiB",
+            f"{fd['bytes_ratio']:.2f}x", "only kept days remain",
+            fd["only_kept_days_remain"] and not fd["kept_events_without_agent"])
+    else:
+        missing("9 user-agent dictionaries after a trim", "only kept days remain", "flood_dictionaries")
     return out
 
 
