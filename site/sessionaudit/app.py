@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import tornado.web
 
 from . import events, views
+from .accesslog import AccessLog
 from .audit import AuditLog
 from .config import Settings
 from .factors import FactorStore
@@ -29,8 +30,6 @@ from .stats import Stats
 from .throttle import Throttle
 from .users import UserStore
 
-access_log = logging.getLogger("sessionaudit.access")
-
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
 
@@ -43,6 +42,7 @@ class Context:
         self.redis = redis
         self.clock = clock
         self.metrics = Metrics()
+        self.access = AccessLog()  # serve points it at the log stream
         # Warnings an anonymous flood could repeat (forged forms, throttled logins): once per 10 s per kind.
         self.security = RateLimitedLog(logging.getLogger("sessionaudit.security"))
         count = self.metrics.event
@@ -74,6 +74,7 @@ class Context:
         self.cookie_max_age_days = max(1, settings.session_lifetime // 86400 + 1)
         self.in_flight = 0
         self.static_urls: dict[str, str] = {}  # versioned URLs of static files, filled on first use
+        self.pages: dict[str, bytes] = {}  # pages that are the same for every anonymous visitor
         self._idle: asyncio.Event | None = None
         self.append_only = False
 
@@ -99,6 +100,7 @@ class Context:
 class Application(tornado.web.Application):
     ctx: Context
     csp: str
+    security_headers: tuple[tuple[str, str], ...]
 
 
 def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], float] = time.time) -> Application:
@@ -166,6 +168,9 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
     )
     app.ctx = ctx
     app.csp = CSP
+    app.security_headers = (("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff"),
+                            ("Referrer-Policy", "same-origin"), ("X-Frame-Options", "DENY"),
+                            ("Cache-Control", "no-store"))
     return app
 
 
@@ -175,14 +180,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     status = handler.get_status()
     seconds = handler.request.request_time()
     route = getattr(handler, "route_name", None) or type(handler).__name__.removesuffix("Handler")
-    ctx.metrics.request(route, handler.request.method or "", status, seconds)
+    method = method_label(handler.request.method)
+    ctx.metrics.request(route, method, status, seconds)
     current = getattr(handler, "current", None)
-    level = logging.INFO if status < 500 else logging.ERROR
-    if status >= 500 or access_log.isEnabledFor(logging.INFO):
-        method = method_label(handler.request.method)
-        access_log.log(level, "%s %s %s %d %.1fms user=%s", getattr(handler, "request_id", "-"),
-                       method, handler.request.path, status, seconds * 1000,
-                       current.uid if current else "-",
-                       extra={"request_id": getattr(handler, "request_id", None), "method": method,
-                              "route": route, "path": handler.request.path, "status": status,
-                              "duration_ms": round(seconds * 1000, 2), "user": current.uid if current else None})
+    ctx.access.line(getattr(handler, "request_id", "-"), method, handler.request.path, status, seconds,
+                    current.uid if current else None, route)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import io
 import json
 import logging
 import os
@@ -131,6 +132,14 @@ class LogHandler(logging.StreamHandler):
             self.flush_now()
 
 
+def _log_stream_write() -> Any:
+    """The ``write`` of the stream the log handler writes to (for access lines), if logging is set up."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogHandler):
+            return handler.stream.write
+    return None
+
+
 def flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, LogHandler):
@@ -145,7 +154,14 @@ def setup_logging(settings: Settings) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging.logAsyncioTasks = False  # type: ignore[attr-defined]
-    handler = LogHandler(sys.stderr)
+    # stderr is line-buffered (a write system call per line, so per request): the log gets a stream
+    # of its own on the same file, block-buffered, which LogHandler flushes as its docstring says.
+    try:
+        stream: Any = io.TextIOWrapper(open(sys.stderr.fileno(), "wb", buffering=1 << 16, closefd=False),
+                                       encoding="utf-8", errors="backslashreplace")
+    except (AttributeError, OSError, ValueError):  # no real stderr (embedded, captured)
+        stream = sys.stderr
+    handler = LogHandler(stream)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -242,6 +258,7 @@ async def serve(settings: Settings, url: str) -> None:
         log.info("audit trail: this Redis user may trim it; the sweeper applies the %d-day retention",
                  settings.audit_retention_days)
     app = make_app(settings, client)
+    app.ctx.access.configure(_log_stream_write(), json=settings.log_format == "json")
     app.ctx.append_only = mode == acl.APPEND_ONLY
     ctx = app.ctx
     try:  # re-sealed under the newest COOKIE_SECRET now, so that an older version can be dropped later

@@ -14,6 +14,7 @@ Deadlines are enforced by the scripts against the ``now`` they are given, never 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -311,6 +312,22 @@ def browser_key(user_agent: str) -> str:
     return _VERSIONS.sub("#", user_agent)
 
 
+@functools.lru_cache(maxsize=4096)
+def pair(ip: str, user_agent: str) -> int:
+    """Digests of an address and a browser, as one number: address * 2^26 + browser.
+
+    26 bits of a hash each (a change goes unseen once in 67 million; the address itself is in the
+    login event anyway, so the digest needs no key). An IPv6 address counts by its /64 network,
+    whose host part privacy extensions change every day; a browser by its user agent without
+    version numbers, so that an update is not a change of browser. Cached: a session's requests
+    repeat the same pair.
+    """
+    def digest(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest()) >> 6
+
+    return digest(address_key(ip)) * 2**26 + digest(browser_key(user_agent))
+
+
 def _text(value: bytes | str | None) -> str:
     if value is None:
         return ""
@@ -384,18 +401,10 @@ class SessionStore:
         return session_id, ref, [ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent, old_ref,
                                  new_hash, old_hash, email_key, method, device or "", self.pair(ip, user_agent)]
 
-    def pair(self, ip: str, user_agent: str) -> int:
-        """Digests of a request's address and browser, as one number: address * 2^26 + browser.
-
-        26 bits of a hash each (a change goes unseen once in 67 million; the address itself is in
-        the login event anyway, so the digest needs no key). An IPv6 address counts by its /64
-        network, whose host part privacy extensions change every day; a browser by its user agent
-        without version numbers, so that an update is not a change of browser.
-        """
-        def digest(text: str) -> int:
-            return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest()) >> 6
-
-        return digest(address_key(ip)) * 2**26 + digest(browser_key(user_agent))
+    @staticmethod
+    def pair(ip: str, user_agent: str) -> int:
+        """Digests of a request's address and browser, as one number: address * 2^26 + browser (see ``pair``)."""
+        return pair(ip, user_agent)
 
     async def load(self, ref: str, *, ip: str = "", user_agent: str = "",
                    with_sessions: bool = False) -> Current | None:

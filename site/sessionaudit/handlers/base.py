@@ -69,12 +69,20 @@ def form(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None
     return wrapper
 
 
-@tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
     """Every page handler. ``prepare`` loads the session once (one Redis round trip)."""
 
     # Set on handlers whose page lists the user's sessions: the same round trip fetches them.
     with_sessions = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A handler with a form (an @form method) has its body streamed, so that an oversized one
+        # gets a real 413 page before it is read; the others (pages) skip Tornado's streaming path.
+        super().__init_subclass__(**kwargs)
+        cls._stream_request_body = any(getattr(getattr(cls, m, None), "parses_form", False)
+                                       for m in ("post", "put", "patch", "delete"))
+
+    _cookie_values: dict[str, str] | None = None
 
     def initialize(self) -> None:
         self.ctx = self.application.ctx
@@ -93,15 +101,28 @@ class BaseHandler(tornado.web.RequestHandler):
         if not hasattr(self, "request_id"):  # clear() before an error page calls this again
             incoming = self.request.headers.get("X-Request-Id", "") if self.application.settings.get("xheaders") else ""
             self.request_id = incoming if REQUEST_ID.fullmatch(incoming) else secrets.token_hex(8)
-        self.set_header("X-Request-Id", self.request_id)
-        self.set_header("Content-Security-Policy", self.application.csp)
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "same-origin")
-        self.set_header("X-Frame-Options", "DENY")
-        self.set_header("Cache-Control", "no-store")
+        headers = self._headers  # the same for every response: set as they are, not checked each time
+        for name, value in self.application.security_headers:
+            headers[name] = value
+        headers["X-Request-Id"] = self.request_id
 
     def compute_etag(self) -> None:
         return None  # pages are never cached (no-store): hashing each body would be wasted work
+
+    def set_etag_header(self) -> None:
+        pass
+
+    def check_etag_header(self) -> bool:
+        return False
+
+    def get_cookie(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        """A cookie's value. The header is parsed once per request into a plain dict (Tornado's
+        ``request.cookies`` builds a ``SimpleCookie`` of Morsels, a few times slower)."""
+        cookies = self._cookie_values
+        if cookies is None:
+            header = self.request.headers.get("Cookie")
+            cookies = self._cookie_values = tornado.httputil.parse_cookie(header) if header else {}
+        return cookies.get(name, default)
 
     def check_xsrf_cookie(self) -> None:
         # Tornado calls this before prepare(), when a streamed body has not arrived; the
