@@ -10,6 +10,8 @@ from typing import Any
 
 import jinja2
 import redis.asyncio as aioredis
+import tornado
+import tornado.httputil
 import tornado.web
 
 from . import events, views
@@ -69,14 +71,25 @@ class Context:
             undefined=jinja2.StrictUndefined if settings.debug else jinja2.Undefined,
         )
         self.jinja.filters.update(views.FILTERS)
+        self.jinja.filters["static"] = self.static_url
         self.jinja.globals.update(ago=views.ago, labels=events.LABELS)
         # The signed cookie has its own expiry check; the session's lifetime is the real limit.
         self.cookie_max_age_days = max(1, settings.session_lifetime // 86400 + 1)
         self.in_flight = 0
         self.static_urls: dict[str, str] = {}  # versioned URLs of static files, filled on first use
         self.pages: dict[str, bytes] = {}  # pages that are the same for every anonymous visitor
+        # Session cookies whose signature has been checked: value -> (session id, key version, timestamp).
+        self.verified_cookies: dict[str, tuple[str, int | None, int]] = {}
         self._idle: asyncio.Event | None = None
         self.append_only = False
+
+    def static_url(self, path: str) -> str:
+        """A static file's versioned URL (``{{ 'site.css'|static }}``), worked out once per process."""
+        url = self.static_urls.get(path)
+        if url is None:
+            settings = {"static_path": self.settings.static_path, "static_url_prefix": "/static/"}
+            url = self.static_urls[path] = tornado.web.StaticFileHandler.make_static_url(settings, path)
+        return url
 
     def request_done(self) -> None:
         self.in_flight -= 1
@@ -101,6 +114,17 @@ class Application(tornado.web.Application):
     ctx: Context
     csp: str
     security_headers: tuple[tuple[str, str], ...]
+    _headers_second = -1
+    _headers: dict[str, str]
+
+    def response_headers(self) -> dict[str, str]:
+        """The headers every response starts with (Tornado's, then ours), the date made once a second."""
+        now = int(time.time())
+        if now != self._headers_second:
+            self._headers = {"Server": f"TornadoServer/{tornado.version}", "Content-Type": "text/html; charset=UTF-8",
+                             "Date": tornado.httputil.format_timestamp(now), **dict(self.security_headers)}
+            self._headers_second = now
+        return self._headers
 
 
 def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], float] = time.time) -> Application:

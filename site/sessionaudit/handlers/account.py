@@ -14,7 +14,8 @@ class AccountHandler(BaseHandler):
 
     @authenticated
     async def get(self) -> None:
-        self.render("account.html", sessions=self.current.sessions if self.current else ())
+        self.render("account.html", sessions=self.current.sessions if self.current else (),
+                    changed=self.get_query_argument("changed", None) is not None)
 
 
 class RevokeOwnHandler(BaseHandler):
