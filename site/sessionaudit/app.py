@@ -80,6 +80,7 @@ class Context:
         self.pages: dict[str, bytes] = {}  # pages that are the same for every anonymous visitor
         # Session cookies whose signature has been checked: value -> (session id, key version, timestamp).
         self.verified_cookies: dict[str, tuple[str, int | None, int]] = {}
+        self.xsrf_tokens: dict[str, tuple[bytes, str]] = {}  # _xsrf cookie value -> (token, timestamp)
         self._idle: asyncio.Event | None = None
         self.append_only = False
 
