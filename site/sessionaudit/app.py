@@ -72,7 +72,7 @@ class Context:
         )
         self.jinja.filters.update(views.FILTERS)
         self.jinja.filters["static"] = self.static_url
-        self.jinja.globals.update(ago=views.ago, labels=events.LABELS)
+        self.jinja.globals.update(ago=views.ago, labels=events.LABELS, session_rows=views.session_rows)
         # The signed cookie has its own expiry check; the session's lifetime is the real limit.
         self.cookie_max_age_days = max(1, settings.session_lifetime // 86400 + 1)
         self.in_flight = 0
