@@ -12,7 +12,7 @@ import jinja2
 import redis.asyncio as aioredis
 import tornado.web
 
-from . import events, views
+from . import events, redisconn, views
 from .audit import AuditLog
 from .config import Settings
 from .handlers import account, admin, auth, public
@@ -39,6 +39,8 @@ class Context:
         self.clock = clock
         self.metrics = Metrics()
         count = self.metrics.event
+        # State changes answer once --redis-wait-replicas replicas hold them (scripts marked acked).
+        redisconn.set_wait(redis, settings.redis_wait_replicas, settings.redis_wait_timeout)
         self.users = UserStore(redis, clock, count)
         self.sessions = SessionStore(redis, settings.session_secret, clock, idle=settings.session_idle,
                                      lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count)

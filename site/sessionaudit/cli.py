@@ -20,12 +20,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
-from . import acl, config
+from . import acl, config, redisconn
 from .config import Settings
 from .redis_server import RedisServer, RedisServerError
+from .redisconn import redis_client  # noqa: F401 (moved to redisconn; tests and other callers import it here)
+from .redisconn import safe_url as _safe_url  # noqa: F401 (likewise)
 
 log = logging.getLogger("sessionaudit")
 
@@ -156,20 +156,8 @@ def setup_logging(settings: Settings) -> None:
 
 # -- Redis ----------------------------------------------------------------------------
 
-def redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
-    """A client that gives up fast when Redis is down (pages answer 503) and reconnects by itself."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
-        health_check_interval=30,
-        **kwargs,
-    )
-
-
 def start_embedded(settings: Settings) -> tuple[str, RedisServer | None]:
-    if settings.redis_url:
+    if settings.redis_url or settings.redis_sentinel:
         return settings.redis_url, None
     server = RedisServer.embedded(settings.data_dir)
     try:
@@ -179,9 +167,15 @@ def start_embedded(settings: Settings) -> tuple[str, RedisServer | None]:
     return server.url, server
 
 
-async def check_redis(client: aioredis.Redis) -> list[str]:
-    """Warnings about a Redis that would lose sessions or audit entries."""
+async def check_redis(client: aioredis.Redis, wait_replicas: int = 0) -> list[str]:
+    """Warnings about a Redis that would lose sessions or audit entries, or refuse state changes."""
     warnings: list[str] = []
+    if wait_replicas:
+        replicas = int((await client.info("replication")).get("connected_slaves", 0))
+        if replicas < wait_replicas:
+            warnings.append(f"Redis has {replicas} replica(s) connected and redis_wait_replicas is "
+                            f"{wait_replicas}: logins, logouts and every other state change answer 503 "
+                            "until enough replicas are connected.")
     try:
         policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
         aof = (await client.config_get("appendonly")).get("appendonly")
@@ -209,14 +203,15 @@ async def serve(settings: Settings, url: str) -> None:
     from .app import make_app
     from .sweeper import Sweeper
 
-    client = redis_client(url)
+    client = redisconn.connect(settings, url)
+    where = redisconn.describe(settings, url)
     mode = acl.FULL
     try:
-        for warning in await check_redis(client):
+        for warning in await check_redis(client, settings.redis_wait_replicas):
             log.warning(warning)
         mode = await acl.detect_mode(client)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        log.warning("Redis at %s is not answering yet (%s); pages answer 503 until it does", _safe_url(url), e)
+    except redisconn.UNAVAILABLE as e:
+        log.warning("Redis (%s) is not answering yet (%s); pages answer 503 until it does", where, e)
     if mode == acl.APPEND_ONLY:
         log.info("audit trail: append-only Redis user; this process does not trim it "
                  "(run `server.py audit trim` as the maintenance user from a timer)")
@@ -244,7 +239,7 @@ async def serve(settings: Settings, url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving on http://%s:%d/ (Redis %s)", settings.address, settings.port, _safe_url(url))
+    log.info("serving on http://%s:%d/ (Redis: %s)", settings.address, settings.port, where)
     flush_logs()
     flusher = tornado.ioloop.PeriodicCallback(flush_logs, 500)
     flusher.start()
@@ -270,14 +265,6 @@ async def serve(settings: Settings, url: str) -> None:
     flush_logs()
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 # -- create-user ------------------------------------------------------------------------
 
 def read_password(stdin: Any) -> str:
@@ -299,7 +286,7 @@ async def create_user(settings: Settings, url: str, email_raw: str, admin: bool,
         email = normalize_email(email_raw)
     except InvalidEmail as e:
         raise UsageError(f"invalid email: {e}") from None
-    client = redis_client(url)
+    client = redisconn.connect(settings, url)
     passwords = Passwords(settings)
     try:
         users = UserStore(client, time.time)
@@ -322,7 +309,7 @@ async def create_user(settings: Settings, url: str, email_raw: str, admin: bool,
 async def audit_command(url: str, action: str, settings: Settings) -> int:
     from .audit import AuditLog
 
-    client = redis_client(url)
+    client = redisconn.connect(settings, url)
     try:
         audit = AuditLog(client)
         if action == "verify":
@@ -410,8 +397,11 @@ def _run(ns: argparse.Namespace, settings: Settings) -> int:
                 admin=ns.admin)
             return 0
         return asyncio.run(audit_command(url, ns.action, settings))
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        raise UsageError(f"cannot reach Redis at {_safe_url(url)}: {e}") from None
+    except redisconn.NotReplicated as e:
+        raise UsageError(f"Redis did not confirm the change on {settings.redis_wait_replicas} replica(s) in time "
+                         f"({e}): it may or may not have been made; check before trying again") from None
+    except redisconn.UNAVAILABLE as e:
+        raise UsageError(f"cannot reach Redis ({redisconn.describe(settings, url)}): {e}") from None
     finally:
         if embedded:
             embedded.stop()

@@ -13,11 +13,13 @@ fail, on a full or mis-typed stream), and only then changes state.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
+
+from . import redisconn
 
 AUDIT = "audit:log"  # the stream: source of truth
 AUDIT_USER = "audit:u:"  # + uid: stream of ids of that user's events, field t = type
@@ -184,25 +186,59 @@ class Script:
     """One Lua script (with the prelude), run by its SHA-1; loaded into Redis on first use.
 
     Called on every authenticated request, so it goes straight to ``EVALSHA`` rather than through
-    redis-py's general Script object.
+    redis-py's general Script object. An ``acked`` script changes state that a failover must not
+    lose: when the client asks for replicas (``redisconn.set_wait``), it is sent with a ``WAIT``
+    behind it on the same connection, in one round trip, and answers only once that many
+    replicas hold what it wrote (else ``redisconn.NotReplicated``).
     """
 
-    def __init__(self, redis: aioredis.Redis, body: str):
+    def __init__(self, redis: aioredis.Redis, body: str, *, acked: bool = False):
         self.redis = redis
         self.source = LUA_PRELUDE + body
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts so
+        self.acked = acked
 
     async def __call__(self, args: Sequence[Any] = ()) -> Any:
+        wait = redisconn.wait_of(self.redis) if self.acked else None
         try:
-            return await self.redis.execute_command("EVALSHA", self.sha, 0, *args)
-        except NoScriptError:  # a new or flushed Redis: load it, then run it
+            if wait:
+                return await self._run_and_wait(args, *wait)
+            try:
+                return await self.redis.execute_command("EVALSHA", self.sha, 0, *args)
+            except NoScriptError:  # a new or flushed Redis (a new primary after a failover): load it, run it
+                await self.redis.script_load(self.source)
+                return await self.redis.execute_command("EVALSHA", self.sha, 0, *args)
+        except ResponseError as e:
+            raise redisconn.refused_write(e) from None
+
+    async def _run_and_wait(self, args: Sequence[Any], replicas: int, timeout_ms: int) -> Any:
+        result, acked = await self._pipeline(args, replicas, timeout_ms)
+        if isinstance(result, NoScriptError):
             await self.redis.script_load(self.source)
-            return await self.redis.execute_command("EVALSHA", self.sha, 0, *args)
+            result, acked = await self._pipeline(args, replicas, timeout_ms)
+        for reply in (result, acked):
+            if isinstance(reply, Exception):
+                raise reply
+        if acked < replicas:
+            raise redisconn.NotReplicated(f"{acked} of {replicas} replica(s) confirmed the write "
+                                          f"within {timeout_ms} ms")
+        return result
+
+    async def _pipeline(self, args: Sequence[Any], replicas: int, timeout_ms: int) -> list[Any]:
+        # WAIT counts the writes of its own connection: one pipeline, one connection, one round trip.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVALSHA", self.sha, 0, *args)
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+            return await pipe.execute(raise_on_error=False)
 
 
 class Scripts:
-    """The scripts of one store, each called as ``await scripts.name(args=[...])``."""
+    """The scripts of one store, each called as ``await scripts.name(args=[...])``.
 
-    def __init__(self, redis: aioredis.Redis, **sources: str):
+    ``acked`` names the scripts that change state (see ``Script``): every one that appends an
+    event, except the sliding refresh of an authenticated page.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, acked: Collection[str] = (), **sources: str):
         for name, body in sources.items():
-            setattr(self, name, Script(redis, body))
+            setattr(self, name, Script(redis, body, acked=name in acked))

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
-from . import keys
+from . import keys, redisconn
 from .audit import Query, with_agents
 from .events import Event
 
@@ -68,10 +67,9 @@ class LiveHub:
     """The process's single stream reader. Started with the first follower, stopped with the app."""
 
     def __init__(self, redis: aioredis.Redis, *, max_followers: int, on_change: Callable[[int], None] | None = None):
-        kwargs = dict(redis.connection_pool.connection_kwargs)
-        kwargs["socket_timeout"] = BLOCK_MS / 1000 + 10  # longer than the block (redis-py #2807, #3138)
-        self.redis = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
-            connection_class=redis.connection_pool.connection_class, max_connections=1, **kwargs))
+        # Its own connection (to the primary that Sentinel names, when it does: it follows a
+        # failover), with a socket timeout longer than the block (redis-py #2807, #3138).
+        self.redis = redisconn.dedicated(redis, socket_timeout=BLOCK_MS / 1000 + 10)
         self.max_followers = max_followers
         self.followers: set[Follower] = set()
         self.on_change = on_change
@@ -136,7 +134,7 @@ class LiveHub:
                             follower.offer(event)
             except asyncio.CancelledError:
                 raise
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            except redisconn.UNAVAILABLE as e:
                 if not failing:
                     log.warning("live follow: Redis unreachable (%s); retrying", e)
                     failing = True

@@ -237,7 +237,8 @@ class SessionStore:
         self.lifetime_ms = lifetime * 1000
         self.slack_ms = slack * 1000
         self.scripts = keys.Scripts(redis, login=LOGIN, touch=TOUCH, end=END, end_all=END_ALL,
-                                    expire_due=EXPIRE_DUE, check=CHECK, list=LIST)
+                                    expire_due=EXPIRE_DUE, check=CHECK, list=LIST,
+                                    acked={"login", "end", "end_all", "expire_due"})
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

@@ -84,7 +84,7 @@ class Throttle:
         self.settings = settings
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
         self.clock = clock
-        self.scripts = keys.Scripts(redis, check=CHECK, fail=FAIL)
+        self.scripts = keys.Scripts(redis, check=CHECK, fail=FAIL, acked={"fail"})
 
     async def check(self, email: str, ip: str) -> Attempt:
         """The account (if any) and how long this login must wait, in one round trip."""

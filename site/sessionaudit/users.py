@@ -78,7 +78,7 @@ class UserStore:
         self.redis = redis
         self.clock = clock
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
-        self.scripts = keys.Scripts(redis, register=REGISTER, set_flag=SET_FLAG)
+        self.scripts = keys.Scripts(redis, register=REGISTER, set_flag=SET_FLAG, acked={"register", "set_flag"})
 
     async def create(self, email: str, password_hash: str, *, admin: bool = False,
                      ip: str = "", user_agent: str = "") -> str | None:

@@ -1,0 +1,146 @@
+"""The one place that builds Redis clients: from a URL, or for the primary that Redis Sentinel names.
+
+Every client gives up fast when Redis does not answer (pages answer 503) and reconnects by itself.
+A client built through Sentinel asks the Sentinels for the primary each time it opens a
+connection, so after a failover its next connection goes to the new primary. A connection still
+open to a demoted primary fails on its next write with READONLY, which redis-py turns into a
+reconnect. During the failover itself the Sentinels name no primary (``MasterNotFoundError``, a
+``ConnectionError``): requests answer 503 until the new primary is found.
+
+``--redis-wait-replicas``: a client carries how many replicas must hold a state change before it
+is answered (``set_wait``); ``keys.Script`` reads it for the scripts that change state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+
+from . import config
+from .config import Settings
+
+# Connection settings of every client of the site: give up fast, retry a little, reconnect.
+CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 5,  # seconds; a WAIT ends before (config.MAX_WAIT_TIMEOUT)
+    "socket_connect_timeout": 2,
+    "health_check_interval": 30,
+}
+# Asking the Sentinels: one try each, quickly, then the next Sentinel.
+SENTINEL_OPTIONS: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 1}
+
+_WAIT = "_sessionaudit_wait"  # attribute of a client: (replicas, timeout in ms) for state changes
+
+
+class NotReplicated(redis.exceptions.TimeoutError):
+    """Fewer replicas than ``--redis-wait-replicas`` confirmed a state change in time.
+
+    The change is on the primary; it survives a failover only if a replica got it after all.
+    """
+
+
+class ReplicasMissing(redis.exceptions.ConnectionError):
+    """The primary refuses writes: fewer good replicas than its ``min-replicas-to-write``."""
+
+
+# What makes a page answer 503 (and the sweeper and the live reader wait and retry).
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,  # also MasterNotFoundError, BusyLoadingError, ReplicasMissing
+    redis.exceptions.TimeoutError,  # also NotReplicated
+    redis.exceptions.ReadOnlyError,  # a replica (a demoted primary) behind a plain URL
+)
+
+# Error replies that mean "no writes here now", not a bug: turned into ReplicasMissing.
+_REFUSED = ("NOREPLICAS", "MASTERDOWN")
+
+
+def refused_write(error: redis.exceptions.ResponseError) -> Exception:
+    """``error`` as ReplicasMissing when Redis refused a write for want of replicas, else itself."""
+    return ReplicasMissing(str(error)) if str(error).startswith(_REFUSED) else error
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2)
+
+
+def redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
+    """A client of the Redis at ``url``."""
+    return aioredis.Redis.from_url(url, **{"retry": _retry(), **CLIENT_OPTIONS, **kwargs})
+
+
+class SentinelRedis(aioredis.Redis):
+    """The client of a Sentinel-managed primary; closing it also closes the Sentinel connections."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool = self.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            await pool.sentinel_manager.aclose()
+
+
+def sentinel_client(settings: Settings) -> aioredis.Redis:
+    """A client of the primary that the Sentinels of ``settings`` name, following its failovers."""
+    tls: dict[str, Any] = {}
+    if settings.redis_tls or settings.redis_tls_ca or settings.redis_tls_cert:
+        tls = {"ssl": True, "ssl_ca_certs": settings.redis_tls_ca or None,
+               "ssl_certfile": settings.redis_tls_cert or None, "ssl_keyfile": settings.redis_tls_key or None}
+    sentinels = Sentinel(
+        config.parse_sentinels(settings.redis_sentinel),
+        sentinel_kwargs={**SENTINEL_OPTIONS, "retry": Retry(NoBackoff(), 0),
+                         "username": settings.redis_sentinel_username or None,
+                         "password": settings.redis_sentinel_password or None, **tls},
+        retry=_retry(), username=settings.redis_username or None, password=settings.redis_password or None,
+        **CLIENT_OPTIONS, **tls)
+    return sentinels.master_for(settings.redis_sentinel_master, redis_class=SentinelRedis)
+
+
+def connect(settings: Settings, url: str = "") -> aioredis.Redis:
+    """The client of the site and its commands: through Sentinel when configured, else ``url``."""
+    client = sentinel_client(settings) if settings.redis_sentinel else redis_client(url or settings.redis_url)
+    set_wait(client, settings.redis_wait_replicas, settings.redis_wait_timeout)
+    return client
+
+
+def dedicated(client: aioredis.Redis, **overrides: Any) -> aioredis.Redis:
+    """A client with one connection of its own to the same Redis (through the same Sentinels),
+    e.g. for a blocking read with a longer socket timeout. The caller closes it and its pool."""
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
+    kwargs.update(overrides)
+    if isinstance(pool, SentinelConnectionPool):
+        own: aioredis.ConnectionPool = SentinelConnectionPool(
+            pool.service_name, pool.sentinel_manager, connection_class=pool.connection_class,
+            is_master=pool.is_master, check_connection=pool.check_connection, max_connections=1, **kwargs)
+    else:
+        own = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
+    return aioredis.Redis(connection_pool=own)
+
+
+def set_wait(client: aioredis.Redis, replicas: int, timeout: float) -> None:
+    """Answer a state change made through ``client`` only once ``replicas`` replicas hold it,
+    waiting at most ``timeout`` seconds (0 replicas: answer at once, and send no WAIT)."""
+    setattr(client, _WAIT, (replicas, max(1, round(timeout * 1000))) if replicas > 0 else None)
+
+
+def wait_of(client: aioredis.Redis) -> tuple[int, int] | None:
+    """(replicas, timeout in ms) that a state change through ``client`` waits for, or None."""
+    return getattr(client, _WAIT, None)
+
+
+def describe(settings: Settings, url: str) -> str:
+    """Where the site's Redis is, for logs: never a password."""
+    if settings.redis_sentinel:
+        return f"primary {settings.redis_sentinel_master!r} through Sentinel {settings.redis_sentinel}"
+    return safe_url(url)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
