@@ -27,6 +27,7 @@ AUDIT_TYPE = "audit:t:"  # + type: stream of ids of events of that type
 AGENTS = "audit:ua"  # hash: 12 hex digits of SHA-1 -> user agent; events store the digits (written once)
 SESSION_EVENTS = "sa:sessev"  # hash: session ref -> space-separated event ids
 LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
+EPOCH = "sa:audit:epoch"  # replication id of the primary that appended the last id
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
 USER_NEXT = "sa:user:next"
 EMAILS = "sa:emails"  # hash: normalized email -> uid
@@ -46,13 +47,25 @@ FAIL_ADDRESS = "sa:f:i:"  # + ip
 LUA_PRELUDE = r"""
 local FIELDS = {'v', 't', 'a', 'u', 'e', 's', 'i', 'g', 'r', 'c'}
 
+-- Ids follow the site's clock, and never repeat or step back, also across a failover. A primary
+-- that has just taken over may lack the last ids of the one before (replication is asynchronous)
+-- while a reader, e.g. a live follower resuming by Last-Event-ID, has already seen them. So the
+-- first id appended on another primary than the last one jumps 2 s past the newest id it knows.
+-- A primary is known by its replication id, which a promotion (and a restart) changes; it is read
+-- once per script run, with the one recorded beside the last id.
+local epoch, last_epoch
 local function next_id(now)
+  if not epoch then
+    epoch = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
+    last_epoch = redis.call('GET', 'sa:audit:epoch')
+  end
   local last = redis.call('GET', 'sa:audit:lastid')
   local ms, seq = now, 0
   if last then
     local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
     lms = tonumber(lms)
-    if now <= lms then ms = lms; seq = tonumber(lseq) + 1 end
+    if last_epoch ~= epoch then ms = math.max(now, lms + 2000)
+    elseif now <= lms then ms = lms; seq = tonumber(lseq) + 1 end
   end
   return string.format('%.0f-%.0f', ms, seq), ms
 end
@@ -92,6 +105,10 @@ local function emit(now, ev)
   end
   redis.call(unpack(args))
   redis.call('SET', 'sa:audit:lastid', id)
+  if last_epoch ~= epoch then
+    redis.call('SET', 'sa:audit:epoch', epoch)
+    last_epoch = epoch
+  end
   redis.call('XADD', 'audit:t:' .. ev.t, id, 'u', ev.u or '')
   if ev.u and ev.u ~= '' then
     redis.call('XADD', 'audit:u:' .. ev.u, id, 't', ev.t)

@@ -35,6 +35,8 @@ local ip, ua, old_ref = ARGV[7], ARGV[8], ARGV[9]
 local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
 if not user[1] or user[2] == '1' then return false end
 local email = user[1]
+-- Run twice (a client retrying after a lost reply): the first run did it all, once.
+if redis.call('HEXISTS', 'sa:sessev', ref) == 1 then return email end
 local old_uid = old_ref ~= '' and redis.call('HGET', 'sa:s:' .. old_ref, 'u')
 local old_deadline = old_uid and deadline_of(old_ref)
 -- Events first: the browser's previous session ends, then the new one begins.
