@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
+import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,13 +34,17 @@ class HAUnavailable(RuntimeError):
 class Cluster:
     """``replicas`` replicas of one primary, and three Sentinels with quorum 2.
 
-    ``password`` protects the data nodes (``requirepass``), ``sentinel_password`` the Sentinels.
+    ``password`` protects the data nodes (``requirepass``), ``sentinel_password`` the Sentinels;
+    with ``tls`` (see ``make_certificates``) every node and Sentinel speaks TLS only and asks
+    clients for a certificate.
     """
 
-    def __init__(self, workdir: Path, replicas: int = 2, password: str = "", sentinel_password: str = ""):
+    def __init__(self, workdir: Path, replicas: int = 2, password: str = "", sentinel_password: str = "",
+                 tls: Path | None = None):
         self.workdir = workdir
         self.password = password
         self.sentinel_password = sentinel_password
+        self.tls = tls
         self.nodes: dict[int, RedisServer] = {}  # port -> data node (primary or replica)
         self.sentinels: list[RedisServer] = []
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -56,7 +63,8 @@ class Cluster:
                 self._sentinel(i, port, ids).start()
         except RedisServerError as e:
             self.stop()
-            raise HAUnavailable(f"{find_redis_server()} cannot run Sentinel here: {str(e).splitlines()[0]}") from None
+            what = "Sentinel with TLS" if self.tls else "Sentinel"
+            raise HAUnavailable(f"{find_redis_server()} cannot run {what} here: {str(e).splitlines()[0]}") from None
         self.wait_ready()
         return self
 
@@ -78,9 +86,11 @@ class Cluster:
             extra += ["--requirepass", self.password]
         if replica_of:
             extra += ["--replicaof", "127.0.0.1", str(replica_of)]
+        if self.tls:
+            extra += ["--port", "0", "--tls-port", str(port), *self._tls_options("--")]
         server = RedisServer.ephemeral(workdir, port=port, extra=extra)
-        if self.password:  # RedisServer.ping() sends a bare PING; a NOAUTH error still proves it is up
-            server.ping = lambda s=server: _answers(s.url)  # type: ignore[method-assign]
+        if self.password or self.tls:  # RedisServer.ping() sends a bare PING; NOAUTH also proves it is up
+            server.ping = lambda s=server: _answers(s.url, self.tls)  # type: ignore[method-assign]
         self.nodes[port] = server
         return server
 
@@ -88,7 +98,8 @@ class Cluster:
         workdir = self.workdir / f"sentinel-{port}"
         workdir.mkdir(parents=True, exist_ok=True)
         lines = [
-            f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {workdir}",
+            *([f"port {port}"] if not self.tls else ["port 0", f"tls-port {port}", *self._tls_options("")]),
+            "bind 127.0.0.1", "protected-mode no", f"dir {workdir}",
             f"logfile {workdir / 'sentinel.log'}", f"sentinel myid {ids[i]}",
             f"sentinel monitor {MASTER} 127.0.0.1 {self.first_primary} 2",
             f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}",
@@ -105,8 +116,8 @@ class Cluster:
         conf = workdir / "sentinel.conf"
         conf.write_text("\n".join(lines) + "\n")
         server = RedisServer([str(conf), "--sentinel"], f"redis://127.0.0.1:{port}", workdir)
-        if self.sentinel_password:
-            server.ping = lambda s=server: _answers(s.url)  # type: ignore[method-assign]
+        if self.sentinel_password or self.tls:
+            server.ping = lambda s=server: _answers(s.url, self.tls)  # type: ignore[method-assign]
         self.sentinels.append(server)
         return server
 
@@ -131,7 +142,8 @@ class Cluster:
 
     def client(self, port: int) -> redis.Redis:
         """A plain (sync) client of one data node, for the tests' own reads."""
-        return redis.Redis(host="127.0.0.1", port=port, password=self.password or None, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=port, password=self.password or None, socket_timeout=5,
+                           **self._tls_client())
 
     def primary_client(self) -> redis.Redis:
         return self.client(self.primary_port())
@@ -187,13 +199,15 @@ class Cluster:
         self.wait_replicas_synced()
 
     def wait_replicas_synced(self, timeout: float = 20.0, count: int | None = None) -> None:
-        """Until ``count`` replicas (default: all running ones) are connected to the primary."""
+        """Until ``count`` replicas (default: all running ones) are online: synced and streaming."""
         want = count if count is not None else len(self.replica_ports)
 
         def synced() -> bool:
             with self.primary_client() as c:
                 info = c.info("replication")
-            return info.get("role") == "master" and int(info.get("connected_slaves", 0)) >= want
+            online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+                      and v.get("state") == "online"]
+            return info.get("role") == "master" and len(online) >= want
 
         poll(synced, timeout, f"{want} replica(s) to connect to the primary")
 
@@ -215,7 +229,22 @@ class Cluster:
 
     def _sentinel_client(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, password=self.sentinel_password or None,
-                           socket_timeout=2, socket_connect_timeout=2)
+                           socket_timeout=2, socket_connect_timeout=2, **self._tls_client())
+
+    def _tls_options(self, dash: str) -> list[str]:
+        """Server TLS settings, as command-line arguments (dash "--") or config lines (dash "")."""
+        assert self.tls
+        pairs = [("tls-cert-file", self.tls / "server.pem"), ("tls-key-file", self.tls / "server.key"),
+                 ("tls-ca-cert-file", self.tls / "ca.pem"), ("tls-replication", "yes"), ("tls-auth-clients", "yes")]
+        if dash:
+            return [part for name, value in pairs for part in (f"--{name}", str(value))]
+        return [f"{name} {value}" for name, value in pairs]
+
+    def _tls_client(self) -> dict[str, object]:
+        if not self.tls:
+            return {}
+        return {"ssl": True, "ssl_ca_certs": str(self.tls / "ca.pem"), "ssl_certfile": str(self.tls / "client.pem"),
+                "ssl_keyfile": str(self.tls / "client.key")}
 
     @staticmethod
     def _resume(server: RedisServer) -> None:
@@ -247,12 +276,38 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _answers(url: str) -> bool:
-    """PING over a plain socket; an answer asking for a password also proves the server is up."""
+def _answers(url: str, tls: Path | None = None) -> bool:
+    """PING (over TLS with ``tls``); an answer asking for a password also proves the server is up."""
     host, port = url.split("//", 1)[1].split("/")[0].split(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        with socket.create_connection((host, int(port)), timeout=0.5) as raw:
+            if not tls:
+                raw.sendall(b"PING\r\n")
+                return raw.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+            context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+            context.load_cert_chain(str(tls / "client.pem"), str(tls / "client.key"))
+            with context.wrap_socket(raw, server_hostname=host) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
+
+
+def make_certificates(directory: Path) -> Path | None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl); None without openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    openssl = shutil.which("openssl")
+    if not openssl:
+        return None
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA")
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", "san.cnf")
+    return directory

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 from . import config
@@ -72,6 +72,35 @@ def redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, **{"retry": _retry(), **CLIENT_OPTIONS, **kwargs})
 
 
+class Sentinels(Sentinel):
+    """redis-py's Sentinel client, with a look-up of the primary that concurrent callers cannot corrupt.
+
+    Upstream's ``discover_master`` moves the Sentinel that answered to the front of its shared
+    list by an index read before its ``await``. Concurrent look-ups (every request during a
+    failover makes one) then duplicate one Sentinel in the list and drop another, which is never
+    asked again, nor closed (redis-py PR #4331 discusses the same code). Here the list is read as
+    a copy and reordered with no ``await`` in between, so it stays the same Sentinels.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors: list[str] = []
+        for sentinel in list(self.sentinels):
+            try:
+                masters = await sentinel.sentinel_masters()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                kwargs = sentinel.connection_pool.connection_kwargs
+                errors.append(f"{kwargs.get('host')}:{kwargs.get('port')}: {e}")
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                self.sentinels.remove(sentinel)
+                self.sentinels.insert(0, sentinel)
+                ip = self._force_master_ip if self._force_master_ip is not None else state["ip"]
+                return ip, state["port"]
+        found = f" ({'; '.join(errors)})" if errors else ""
+        raise MasterNotFoundError(f"No master found for {service_name!r}{found}")
+
+
 class SentinelRedis(aioredis.Redis):
     """The client of a Sentinel-managed primary; closing it also closes the Sentinel connections."""
 
@@ -88,7 +117,7 @@ def sentinel_client(settings: Settings) -> aioredis.Redis:
     if settings.redis_tls or settings.redis_tls_ca or settings.redis_tls_cert:
         tls = {"ssl": True, "ssl_ca_certs": settings.redis_tls_ca or None,
                "ssl_certfile": settings.redis_tls_cert or None, "ssl_keyfile": settings.redis_tls_key or None}
-    sentinels = Sentinel(
+    sentinels = Sentinels(
         config.parse_sentinels(settings.redis_sentinel),
         sentinel_kwargs={**SENTINEL_OPTIONS, "retry": Retry(NoBackoff(), 0),
                          "username": settings.redis_sentinel_username or None,
