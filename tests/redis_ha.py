@@ -157,6 +157,17 @@ class Cluster:
         server.process.wait()
         return port
 
+    def planned_failover(self) -> int:
+        """Ask the Sentinels to hand the primary role to a replica (maintenance); returns the old port.
+
+        First every replica holds every write: a Sentinel picks the replica by the offsets it last
+        read (up to 10 s old), so one still catching up could be promoted and lose what it lacks."""
+        self.wait_replicas_synced()
+        port = self.primary_port()
+        with self._sentinel_client(self.sentinel_ports[0]) as s:
+            s.execute_command("SENTINEL", "FAILOVER", MASTER)
+        return port
+
     def restart(self, port: int) -> None:
         """Start a killed node again (empty: no persistence); the Sentinels make it a replica."""
         self.nodes[port].start()
@@ -169,7 +180,8 @@ class Cluster:
     def cut_replication(self) -> None:
         """Replicas stop receiving the primary's writes (their Redis user is turned off and their
         links dropped) while every client keeps working: what a primary's last writes look like
-        just before it dies."""
+        just before it dies. What was written before is on every replica."""
+        self.wait_replicas_synced()
         with self.primary_client() as c:
             c.execute_command("ACL", "SETUSER", REPL_USER, "off")
             c.execute_command("CLIENT", "KILL", "USER", REPL_USER)
@@ -199,17 +211,17 @@ class Cluster:
         self.wait_replicas_synced()
 
     def wait_replicas_synced(self, timeout: float = 20.0, count: int | None = None) -> None:
-        """Until ``count`` replicas (default: all running ones) are online: synced and streaming."""
+        """Until ``count`` replicas (default: all) hold everything the primary has: a write of our
+        own, acknowledged by them (WAIT). "online" in INFO is not enough: after a full sync a replica
+        is online a moment before the primary streams writes to it."""
         want = count if count is not None else len(self.replica_ports)
 
         def synced() -> bool:
             with self.primary_client() as c:
-                info = c.info("replication")
-            online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
-                      and v.get("state") == "online"]
-            return info.get("role") == "master" and len(online) >= want
+                c.set("ha:probe", time.time())
+                return int(c.execute_command("WAIT", want, 500)) >= want
 
-        poll(synced, timeout, f"{want} replica(s) to connect to the primary")
+        poll(synced, timeout, f"{want} replica(s) to hold every write")
 
     def wait_failover(self, old_port: int, timeout: float = 30.0) -> int:
         """Until every Sentinel names a new primary that says it is one; returns its port."""

@@ -278,6 +278,53 @@ async def test_a_new_primary_that_lost_the_last_events_never_reuses_their_ids(cl
         await client.aclose()
 
 
+async def test_a_planned_failover_is_followed_by_every_connection(cluster, http_client) -> None:
+    """SENTINEL FAILOVER (maintenance): the old primary stays up, a primary still until the Sentinels
+    turn it into a replica up to 10 s later. The site's connections move off it at once, the live
+    reader's blocked XREAD too, so nothing is written where it would be lost."""
+    clock = FakeClock()
+    settings = ha_settings(cluster, redis_wait_replicas=1, redis_wait_timeout=1.0)
+    client = redisconn.connect(settings)
+    app = make_app(settings, client, clock)
+    watch = redisconn.PrimaryWatch(client, interval=0.2)
+    watch.start()
+    try:
+        async with serving(app) as base:
+            admin, user = Browser(http_client, base), Browser(http_client, base)
+            assert (await admin.register("admin@example.com")).code == 303
+            await make_admin(client, "admin@example.com")
+            follower = await SSE.open(base, admin)
+            assert (await user.register("user@example.com")).code == 303
+            assert [(await follower.message())[1]["type"] for _ in range(2)] == ["register", "login"]
+            old = cluster.planned_failover()
+            new = await asyncio.to_thread(cluster.wait_failover, old)
+
+            def site_connections(port: int) -> int:
+                with cluster.client(port) as node:
+                    listed = node.execute_command("CLIENT", "LIST").decode().splitlines()
+                return sum(1 for c in listed if "cmd=evalsha" in c or "cmd=xread" in c)
+
+            await eventually(lambda: asyncio.to_thread(lambda: site_connections(old) == 0), within=8,
+                             what="the site's connections to leave the old primary")
+            assert (await user.get("/account")).code == 200
+            assert (await user.logout()).code == 303
+            assert (await user.login("user@example.com")).code == 303
+            with cluster.client(new) as primary:  # written where they stay
+                assert [e[1][b"t"] for e in primary.xrange(keys.AUDIT)][-2:] == [b"logout", b"login"]
+            got = [await follower.message() for _ in range(2)]
+            assert [m[1]["type"] for m in got] == ["logout", "login"]
+            def reading(port: int) -> bool:
+                with cluster.client(port) as node:
+                    return "cmd=xread" in node.execute_command("CLIENT", "LIST").decode()
+
+            await eventually(lambda: asyncio.to_thread(reading, new), what="the reader on the new primary")
+            assert not reading(old)
+            follower.close()
+    finally:
+        await watch.stop()
+        await client.aclose()
+
+
 async def test_state_changes_wait_for_replicas_and_page_views_do_not(cluster, http_client) -> None:
     clock = FakeClock()
     settings = ha_settings(cluster, redis_wait_replicas=1, redis_wait_timeout=1.0)

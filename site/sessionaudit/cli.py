@@ -231,6 +231,8 @@ async def serve(settings: Settings, url: str) -> None:
                       retention_days=settings.audit_retention_days, trim=not ctx.append_only,
                       on_run=ctx.metrics.sweep, on_reconnect=ctx.metrics.redis_reconnects.inc)
     sweeper.start()
+    watch = redisconn.PrimaryWatch(client)  # with Sentinel: connections follow a planned failover at once
+    watch.start()
     metrics_server = None
     if settings.metrics_port:
         from .handlers.metrics import start_metrics_server
@@ -258,6 +260,7 @@ async def serve(settings: Settings, url: str) -> None:
     except TimeoutError:
         log.warning("closing connections that did not finish in time")
     await sweeper.stop()
+    await watch.stop()
     ctx.close()
     await client.aclose()
     flusher.stop()

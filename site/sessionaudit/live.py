@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,8 +117,12 @@ class LiveHub:
 
     async def _run(self) -> None:
         failing = False
+        checked = time.monotonic()
         while True:
             try:
+                if time.monotonic() - checked >= BLOCK_MS / 1000:  # a planned failover leaves us on a replica
+                    checked = time.monotonic()
+                    await redisconn.follow_primary(self.redis)
                 if self.last_id is None:
                     newest = await self.redis.xrevrange(keys.AUDIT, count=1)
                     self.last_id = newest[0][0].decode() if newest else "0-0"

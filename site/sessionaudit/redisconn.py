@@ -5,7 +5,8 @@ A client built through Sentinel asks the Sentinels for the primary each time it 
 connection, so after a failover its next connection goes to the new primary. A connection still
 open to a demoted primary fails on its next write with READONLY, which redis-py turns into a
 reconnect. During the failover itself the Sentinels name no primary (``MasterNotFoundError``, a
-``ConnectionError``): requests answer 503 until the new primary is found.
+``ConnectionError``): requests answer 503 until the new primary is found. A planned failover
+leaves the old primary up and writable for a while: ``PrimaryWatch`` moves connections off it.
 
 ``--redis-wait-replicas``: a client carries how many replicas must hold a state change before it
 is answered (``set_wait``); ``keys.Script`` reads it for the scripts that change state.
@@ -13,6 +14,9 @@ is answered (``set_wait``); ``keys.Script`` reads it for the scripts that change
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,6 +36,8 @@ CLIENT_OPTIONS: dict[str, Any] = {
 }
 # Asking the Sentinels: one try each, quickly, then the next Sentinel.
 SENTINEL_OPTIONS: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 1}
+
+log = logging.getLogger("sessionaudit.redis")
 
 _WAIT = "_sessionaudit_wait"  # attribute of a client: (replicas, timeout in ms) for state changes
 
@@ -101,6 +107,54 @@ class Sentinels(Sentinel):
         raise MasterNotFoundError(f"No master found for {service_name!r}{found}")
 
 
+class PrimaryPool(SentinelConnectionPool):
+    """Connections to the primary that the Sentinels name. One handed back from a server that is
+    no longer the primary is closed rather than kept for the next request (redis-py's synchronous
+    pool does so; its asyncio pool keeps it)."""
+
+    async def release(self, connection: Any) -> None:
+        if self.master_address and (connection.host, connection.port) != self.master_address:
+            await connection.disconnect()
+        await super().release(connection)
+
+
+class PrimaryWatch:
+    """Asks the Sentinels where the primary is once a second, so connections follow a planned failover.
+
+    ``SENTINEL FAILOVER`` leaves the old primary running, and taking writes, until the Sentinels
+    turn it into a replica, up to 10 s later (their INFO period). Connections still open to it
+    would write there meanwhile, and what they write is lost when it resyncs as a replica. When
+    the primary has moved, idle connections are closed (and busy ones when handed back), so the
+    next request connects to the new one. Without Sentinel, it does nothing.
+    """
+
+    def __init__(self, client: aioredis.Redis, interval: float = 1.0):
+        self.client = client
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if isinstance(self.client.connection_pool, SentinelConnectionPool):
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await follow_primary(self.client)
+            except UNAVAILABLE:
+                pass  # no primary during a failover: the pages say so
+            except Exception:
+                log.exception("asking the Sentinels for the primary failed")
+            await asyncio.sleep(self.interval)
+
+
 class SentinelRedis(aioredis.Redis):
     """The client of a Sentinel-managed primary; closing it also closes the Sentinel connections."""
 
@@ -124,7 +178,8 @@ def sentinel_client(settings: Settings) -> aioredis.Redis:
                          "password": settings.redis_sentinel_password or None, **tls},
         retry=_retry(), username=settings.redis_username or None, password=settings.redis_password or None,
         **CLIENT_OPTIONS, **tls)
-    return sentinels.master_for(settings.redis_sentinel_master, redis_class=SentinelRedis)
+    return sentinels.master_for(settings.redis_sentinel_master, redis_class=SentinelRedis,
+                                connection_pool_class=PrimaryPool)
 
 
 def connect(settings: Settings, url: str = "") -> aioredis.Redis:
@@ -141,12 +196,24 @@ def dedicated(client: aioredis.Redis, **overrides: Any) -> aioredis.Redis:
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
     kwargs.update(overrides)
     if isinstance(pool, SentinelConnectionPool):
-        own: aioredis.ConnectionPool = SentinelConnectionPool(
+        own: aioredis.ConnectionPool = type(pool)(
             pool.service_name, pool.sentinel_manager, connection_class=pool.connection_class,
             is_master=pool.is_master, check_connection=pool.check_connection, max_connections=1, **kwargs)
     else:
         own = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
     return aioredis.Redis(connection_pool=own)
+
+
+async def follow_primary(client: aioredis.Redis) -> None:
+    """Ask the Sentinels where the primary is, and drop ``client``'s idle connections if it moved.
+
+    Needed where a connection only reads: after a planned failover the old primary carries on as
+    a replica, which still answers reads (a blocked XREAD too), so nothing else would make such
+    a connection move. Writes move by themselves (READONLY). Without Sentinel: nothing to do.
+    """
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        await pool.get_master_address()
 
 
 def set_wait(client: aioredis.Redis, replicas: int, timeout: float) -> None:
