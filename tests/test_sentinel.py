@@ -25,7 +25,7 @@ from redis_ha import MASTER, Cluster, HAUnavailable, make_certificates
 from sessionaudit import events, keys, redisconn
 from sessionaudit.app import make_app
 from sessionaudit.audit import AuditLog
-from sessionaudit.cli import main
+from sessionaudit.cli import check_redis, main
 from sessionaudit.config import Settings
 from sessionaudit.handlers.base import NOT_REPLICATED
 from sessionaudit.sessions import SessionStore
@@ -355,6 +355,10 @@ async def test_state_changes_wait_for_replicas_and_page_views_do_not(cluster, ht
                 with cluster.client(port) as replica:
                     replicas_with_it += len(replica.xrange(keys.AUDIT, login.id, login.id))
             assert replicas_with_it >= 1
+
+            # At start the operator is told when fewer replicas are connected than state changes wait for.
+            assert not [w for w in await check_redis(client, 2) if "replica" in w]
+            assert any("2 replica(s) connected and redis_wait_replicas is 3" in w for w in await check_redis(client, 3))
 
             cluster.cut_replication()
             started = time.monotonic()
