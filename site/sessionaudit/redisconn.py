@@ -207,9 +207,10 @@ def dedicated(client: aioredis.Redis, **overrides: Any) -> aioredis.Redis:
 async def follow_primary(client: aioredis.Redis) -> None:
     """Ask the Sentinels where the primary is, and drop ``client``'s idle connections if it moved.
 
-    Needed where a connection only reads: after a planned failover the old primary carries on as
-    a replica, which still answers reads (a blocked XREAD too), so nothing else would make such
-    a connection move. Writes move by themselves (READONLY). Without Sentinel: nothing to do.
+    After a planned failover a connection to the old primary keeps working: as a primary until
+    the Sentinels demote it (writes land where they will be lost), then as a replica that still
+    answers reads (a blocked XREAD too). Only a write after the demotion (READONLY) would move it.
+    Without Sentinel: nothing to do.
     """
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
