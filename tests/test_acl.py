@@ -143,6 +143,11 @@ async def test_site_works_as_the_append_only_user(browser: Browser, new_browser:
         "register", "login", "logout", "login_failed", "login", "register", "login", "expired", "expired", "login"]
 
 
+async def test_site_user_may_wait_for_replicas(site: aioredis.Redis) -> None:
+    """--redis-wait-replicas sends WAIT after each state change, as the site's user."""
+    assert await site.execute_command("WAIT", 0, 10) == 0
+
+
 async def test_site_user_cannot_delete_trim_or_overwrite_the_audit_trail(browser: Browser, site: aioredis.Redis,
                                                                         admin: aioredis.Redis) -> None:
     await browser.register("alice@example.com")

@@ -14,7 +14,7 @@ import tornado
 import tornado.httputil
 import tornado.web
 
-from . import events, views
+from . import events, redisconn, views
 from .accesslog import AccessLog
 from .audit import AuditLog
 from .config import Settings
@@ -48,6 +48,8 @@ class Context:
         # Warnings an anonymous flood could repeat (forged forms, throttled logins): once per 10 s per kind.
         self.security = RateLimitedLog(logging.getLogger("sessionaudit.security"))
         count = self.metrics.event
+        # State changes answer once --redis-wait-replicas replicas hold them (scripts marked acked).
+        redisconn.set_wait(redis, settings.redis_wait_replicas, settings.redis_wait_timeout)
         self.users = UserStore(redis, clock, count)
         self.sessions = SessionStore(redis, settings.session_keys(), clock, idle=settings.session_idle,
                                      lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count,

@@ -22,12 +22,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
-from . import acl, config, keys
+from . import acl, config, keys, redisconn
 from .config import Settings
 from .redis_server import RedisServer, RedisServerError
+from .redisconn import redis_client  # noqa: F401 (moved to redisconn; tests and other callers import it here)
+from .redisconn import safe_url as _safe_url  # noqa: F401 (likewise)
 
 log = logging.getLogger("sessionaudit")
 
@@ -175,22 +175,10 @@ def setup_logging(settings: Settings) -> None:
 
 # -- Redis ----------------------------------------------------------------------------
 
-def redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
-    """A client that gives up fast when Redis is down (pages answer 503) and reconnects by itself."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
-        health_check_interval=30,
-        **kwargs,
-    )
-
-
 def start_embedded(settings: Settings, *, join: bool = False) -> tuple[str, RedisServer | None]:
     """The Redis to use: ``--redis-url``, else the embedded server (started here, or with ``join``
     the one of a site already running on this data dir)."""
-    if settings.redis_url:
+    if settings.redis_url or settings.redis_sentinel:
         return settings.redis_url, None
     server = RedisServer.embedded(settings.data_dir)
     try:
@@ -200,9 +188,15 @@ def start_embedded(settings: Settings, *, join: bool = False) -> tuple[str, Redi
     return server.url, server
 
 
-async def check_redis(client: aioredis.Redis) -> list[str]:
-    """Warnings about a Redis that would lose sessions or audit entries."""
+async def check_redis(client: aioredis.Redis, wait_replicas: int = 0) -> list[str]:
+    """Warnings about a Redis that would lose sessions or audit entries, or refuse state changes."""
     warnings: list[str] = []
+    if wait_replicas:
+        replicas = int((await client.info("replication")).get("connected_slaves", 0))
+        if replicas < wait_replicas:
+            warnings.append(f"Redis has {replicas} replica(s) connected and redis_wait_replicas is "
+                            f"{wait_replicas}: logins, logouts and every other state change answer 503 "
+                            "until enough replicas are connected.")
     try:
         policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
         aof = (await client.config_get("appendonly")).get("appendonly")
@@ -238,15 +232,16 @@ async def serve(settings: Settings, url: str) -> None:
     from .factors import DataKeyLost
     from .sweeper import Sweeper
 
-    client = redis_client(url)
+    client = redisconn.connect(settings, url)
+    where = redisconn.describe(settings, url)
     mode = acl.FULL
     try:
-        for warning in await check_redis(client):
+        for warning in await check_redis(client, settings.redis_wait_replicas):
             log.warning(warning)
         mode = await acl.detect_mode(client)
         await mark_legacy_agents(client)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        log.warning("Redis at %s is not answering yet (%s); pages answer 503 until it does", _safe_url(url), e)
+    except redisconn.UNAVAILABLE as e:
+        log.warning("Redis (%s) is not answering yet (%s); pages answer 503 until it does", where, e)
     if settings.session_secret_source:
         log.info("sessions are named with the secret from %s; every process on this Redis must use the same "
                  "(unset it everywhere to derive it from COOKIE_SECRET: that logs everyone out once)",
@@ -285,6 +280,8 @@ async def serve(settings: Settings, url: str) -> None:
                       retention_days=settings.audit_retention_days, trim=not ctx.append_only,
                       on_run=ctx.metrics.sweep, on_reconnect=ctx.metrics.redis_reconnects.inc)
     sweeper.start()
+    watch = redisconn.PrimaryWatch(client)  # with Sentinel: connections follow a planned failover at once
+    watch.start()
     metrics_server = None
     if settings.metrics_port:
         from .handlers.metrics import start_metrics_server
@@ -293,7 +290,7 @@ async def serve(settings: Settings, url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving on http://%s:%d/ (Redis %s)", settings.address, settings.port, _safe_url(url))
+    log.info("serving on http://%s:%d/ (Redis: %s)", settings.address, settings.port, where)
     flush_logs()
     flusher = tornado.ioloop.PeriodicCallback(flush_logs, 500)
     flusher.start()
@@ -313,6 +310,7 @@ async def serve(settings: Settings, url: str) -> None:
         log.warning("closing connections that did not finish in time")
     await sweeper.stop()
     await ctx.mailer.stop()  # what the mail server has not taken yet is kept in the outbox
+    await watch.stop()
     ctx.close()
     await client.aclose()
     flusher.stop()
@@ -352,14 +350,6 @@ def _same_redis(settings: Settings) -> str:
     return "" if settings.data_dir == "var" else f" --data-dir={settings.data_dir}"
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 # -- create-user ------------------------------------------------------------------------
 
 def read_password(stdin: Any) -> str:
@@ -381,7 +371,7 @@ async def create_user(settings: Settings, url: str, email_raw: str, admin: bool,
         email = normalize_email(email_raw)
     except InvalidEmail as e:
         raise UsageError(f"invalid email: {e}") from None
-    client = redis_client(url)
+    client = redisconn.connect(settings, url)
     passwords = Passwords(settings)
     try:
         users = UserStore(client, time.time)
@@ -410,7 +400,7 @@ async def reset_password(settings: Settings, url: str, email_raw: str) -> str:
         email = normalize_email(email_raw)
     except InvalidEmail as e:
         raise UsageError(f"invalid email: {e}") from None
-    client = redis_client(url)
+    client = redisconn.connect(settings, url)
     try:
         user = await UserStore(client, time.time).get_by_email(email)
         if user is None:
@@ -431,7 +421,7 @@ async def reset_password(settings: Settings, url: str, email_raw: str) -> str:
 async def audit_command(url: str, action: str, settings: Settings) -> int:
     from .audit import AuditLog
 
-    client = redis_client(url)
+    client = redisconn.connect(settings, url)
     try:
         audit = AuditLog(client)
         if action == "verify":
@@ -529,8 +519,11 @@ def _run(ns: argparse.Namespace, settings: Settings) -> int:
                 print("One-time link, valid for 30 minutes; asking again replaces it.", file=sys.stderr)
             return 0
         return asyncio.run(audit_command(url, ns.action, settings))
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        raise UsageError(f"cannot reach Redis at {_safe_url(url)}: {e}") from None
+    except redisconn.NotReplicated as e:
+        raise UsageError(f"Redis did not confirm the change on {settings.redis_wait_replicas} replica(s) in time "
+                         f"({e}): it may or may not have been made; check before trying again") from None
+    except redisconn.UNAVAILABLE as e:
+        raise UsageError(f"cannot reach Redis ({redisconn.describe(settings, url)}): {e}") from None
     finally:
         if embedded:
             embedded.stop()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+MAX_WAIT_TIMEOUT = 4.0  # seconds: a WAIT must end before the client's 5 s socket timeout
 
 
 def opt(default: Any, help: str, *, flag: bool = False, cli: bool = True, secret: bool = False) -> Any:
@@ -36,6 +37,22 @@ class Settings:
     address: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(8888, "port to listen on")
     redis_url: str = opt("", "Redis URL (redis://, rediss://, unix://); empty: start the embedded redis-server")
+    redis_sentinel: str = opt("", "Redis Sentinels as host:port,host:port,... (instead of redis_url): the primary is "
+                                  "found through them, and found again after a failover")
+    redis_sentinel_master: str = opt("", "the name under which the Sentinels monitor the primary")
+    redis_username: str = opt("", "Redis user on the servers the Sentinels name (with redis_url: in the URL)")
+    redis_password: str = opt("", "its password; better from the environment than on the command line",
+                              secret=True)
+    redis_sentinel_username: str = opt("", "user on the Sentinels themselves, when they require one")
+    redis_sentinel_password: str = opt("", "password of the Sentinels themselves", secret=True)
+    redis_tls: bool = opt(False, "TLS to the Sentinels and to the servers they name", flag=True)
+    redis_tls_ca: str = opt("", "CA certificates (PEM file) that sign the Redis and Sentinel certificates; "
+                                "implies redis_tls")
+    redis_tls_cert: str = opt("", "client certificate (PEM file) for servers that ask for one; implies redis_tls")
+    redis_tls_key: str = opt("", "the client certificate's private key (PEM file)")
+    redis_wait_replicas: int = opt(0, "replicas that must hold a state change (login, logout, expiry...) before "
+                                      "it is answered (Redis WAIT); 0: answer at once")
+    redis_wait_timeout: float = opt(1.0, "seconds a state change waits for redis_wait_replicas; past it, 503")
     data_dir: str = opt("var", "directory for the embedded Redis, its AOF and the generated secrets")
     session_idle: int = opt(1800, "seconds without a request that end a session (sliding)")
     session_lifetime: int = opt(43200, "seconds after login that end a session regardless")
@@ -117,6 +134,38 @@ class Settings:
             if "@" not in address or any(c in self.mail_from for c in "\r\n"):
                 raise ValueError(f"mail_from must be an address like 'Site <no-reply@example.com>', "
                                  f"not {self.mail_from!r}")
+        self._validate_redis()
+
+    def _validate_redis(self) -> None:
+        if self.redis_sentinel:
+            if self.redis_url:
+                raise ValueError("give either redis_url or redis_sentinel, not both")
+            parse_sentinels(self.redis_sentinel)
+            if not self.redis_sentinel_master:
+                raise ValueError("redis_sentinel needs redis_sentinel_master: the name the Sentinels monitor "
+                                 "the primary under")
+        else:
+            only_with_sentinel = [name for name in (
+                "redis_sentinel_master", "redis_username", "redis_password", "redis_sentinel_username",
+                "redis_sentinel_password", "redis_tls", "redis_tls_ca", "redis_tls_cert", "redis_tls_key")
+                if getattr(self, name)]
+            if only_with_sentinel:
+                raise ValueError(f"{', '.join(only_with_sentinel)} apply to Redis found through redis_sentinel; "
+                                 "with redis_url, put credentials and TLS (rediss://) in the URL")
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            raise ValueError("redis_tls_cert and redis_tls_key go together")
+        for name in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path}")
+        if self.redis_wait_replicas < 0:
+            raise ValueError("redis_wait_replicas cannot be negative")
+        if self.redis_wait_replicas and not (self.redis_url or self.redis_sentinel):
+            raise ValueError("redis_wait_replicas needs a Redis with replicas (redis_url or redis_sentinel); "
+                             "the embedded one has none")
+        if not 0.01 <= self.redis_wait_timeout <= MAX_WAIT_TIMEOUT:
+            raise ValueError(f"redis_wait_timeout must be between 0.01 and {MAX_WAIT_TIMEOUT:g} seconds "
+                             "(below the Redis socket timeout)")
 
     @property
     def origin(self) -> str:
@@ -213,6 +262,18 @@ def hkdf(secret: bytes, label: str, length: int = 32) -> bytes:
         block = hmac.new(prk, block + label.encode() + bytes([i]), hashlib.sha256).digest()
         out += block
     return out[:length]
+
+
+def parse_sentinels(text: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` (IPv6 as ``[::1]:26379``) → [(host, port)]; ValueError when malformed."""
+    found: list[tuple[str, int]] = []
+    for part in (p.strip() for p in text.split(",")):
+        host, sep, port = part.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"redis_sentinel: expected host:port[,host:port...], not {part!r}")
+        found.append((host, int(port)))
+    return found
 
 
 def cli_fields() -> list[dataclasses.Field]:

@@ -366,7 +366,8 @@ class FactorStore:
         self.issuer = f"Session Audit ({host})" if settings.public_url and host else "Session Audit"
         self.scripts = keys.Scripts(redis, setup=SETUP, setup_sealed=SETUP_SEALED, enable=ENABLE, disable=DISABLE,
                                     password_login=PASSWORD_LOGIN, pending=PENDING, finish=FINISH, view=VIEW,
-                                    reset=RESET, reseal=RESEAL)
+                                    reset=RESET, reseal=RESEAL,
+                                    acked={"enable", "disable", "password_login", "finish", "reset"})
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

@@ -13,13 +13,13 @@ fail, on a full or mis-typed stream), and only then changes state.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
-from . import events
+from . import events, redisconn
 
 AUDIT = "audit:log"  # the stream: source of truth
 AUDIT_USER = "audit:u:"  # + uid: stream of ids of that user's events, field t = type
@@ -31,6 +31,7 @@ LEGACY_AGENTS = "audit:ua"  # one dictionary for every day, written before the d
 LEGACY_AGENTS_UNTIL = "sa:ua:legacy"  # ms: no event after it names LEGACY_AGENTS (set at the first start)
 SESSION_EVENTS = "sa:sessev"  # hash: session ref -> space-separated event ids
 LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
+EPOCH = "sa:audit:epoch"  # replication id of the primary that appended the last id
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
 USER_NEXT = "sa:user:next"
 EMAILS = "sa:emails"  # hash: normalized email -> uid
@@ -69,13 +70,25 @@ agents_key = events.agents_key
 LUA_PRELUDE = r"""
 local FIELDS = {'v', 't', 'a', 'u', 'e', 's', 'i', 'g', 'r', 'c'}
 
+-- Ids follow the site's clock, and never repeat or step back, also across a failover. A primary
+-- that has just taken over may lack the last ids of the one before (replication is asynchronous)
+-- while a reader, e.g. a live follower resuming by Last-Event-ID, has already seen them. So the
+-- first id appended on another primary than the last one jumps 2 s past the newest id it knows.
+-- A primary is known by its replication id, which a promotion (and a restart) changes; it is read
+-- once per script run, with the one recorded beside the last id.
+local epoch, last_epoch
 local function next_id(now)
+  if not epoch then
+    epoch = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
+    last_epoch = redis.call('GET', 'sa:audit:epoch')
+  end
   local last = redis.call('GET', 'sa:audit:lastid')
   local ms, seq = now, 0
   if last then
     local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
     lms = tonumber(lms)
-    if now <= lms then ms = lms; seq = tonumber(lseq) + 1 end
+    if last_epoch ~= epoch then ms = math.max(now, lms + 2000)
+    elseif now <= lms then ms = lms; seq = tonumber(lseq) + 1 end
   end
   return string.format('%.0f-%.0f', ms, seq), ms
 end
@@ -160,6 +173,10 @@ local function emit(now, ev)
   end
   redis.call(unpack(args))
   redis.call('SET', 'sa:audit:lastid', id)
+  if last_epoch ~= epoch then
+    redis.call('SET', 'sa:audit:epoch', epoch)
+    last_epoch = epoch
+  end
   redis.call('XADD', 'audit:t:' .. ev.t, id, 'u', ev.u or '')
   if ev.u and ev.u ~= '' then
     redis.call('XADD', 'audit:u:' .. ev.u, id, 't', ev.t)
@@ -262,25 +279,59 @@ class Script:
     """One Lua script (with the prelude), run by its SHA-1; loaded into Redis on first use.
 
     Called on every authenticated request, so it goes straight to ``EVALSHA`` rather than through
-    redis-py's general Script object.
+    redis-py's general Script object. An ``acked`` script changes state that a failover must not
+    lose: when the client asks for replicas (``redisconn.set_wait``), it is sent with a ``WAIT``
+    behind it on the same connection, in one round trip, and answers only once that many
+    replicas hold what it wrote (else ``redisconn.NotReplicated``).
     """
 
-    def __init__(self, redis: aioredis.Redis, body: str):
+    def __init__(self, redis: aioredis.Redis, body: str, *, acked: bool = False):
         self.redis = redis
         self.source = LUA_PRELUDE + body
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts so
+        self.acked = acked
 
     async def __call__(self, args: Sequence[Any] = ()) -> Any:
+        wait = redisconn.wait_of(self.redis) if self.acked else None
         try:
-            return await self.redis.execute_command("EVALSHA", self.sha, 0, *args)
-        except NoScriptError:  # a new or flushed Redis: load it, then run it
+            if wait:
+                return await self._run_and_wait(args, *wait)
+            try:
+                return await self.redis.execute_command("EVALSHA", self.sha, 0, *args)
+            except NoScriptError:  # a new or flushed Redis (a new primary after a failover): load it, run it
+                await self.redis.script_load(self.source)
+                return await self.redis.execute_command("EVALSHA", self.sha, 0, *args)
+        except ResponseError as e:
+            raise redisconn.refused_write(e) from None
+
+    async def _run_and_wait(self, args: Sequence[Any], replicas: int, timeout_ms: int) -> Any:
+        result, acked = await self._pipeline(args, replicas, timeout_ms)
+        if isinstance(result, NoScriptError):
             await self.redis.script_load(self.source)
-            return await self.redis.execute_command("EVALSHA", self.sha, 0, *args)
+            result, acked = await self._pipeline(args, replicas, timeout_ms)
+        for reply in (result, acked):
+            if isinstance(reply, Exception):
+                raise reply
+        if acked < replicas:
+            raise redisconn.NotReplicated(f"{acked} of {replicas} replica(s) confirmed the write "
+                                          f"within {timeout_ms} ms")
+        return result
+
+    async def _pipeline(self, args: Sequence[Any], replicas: int, timeout_ms: int) -> list[Any]:
+        # WAIT counts the writes of its own connection: one pipeline, one connection, one round trip.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVALSHA", self.sha, 0, *args)
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+            return await pipe.execute(raise_on_error=False)
 
 
 class Scripts:
-    """The scripts of one store, each called as ``await scripts.name(args=[...])``."""
+    """The scripts of one store, each called as ``await scripts.name(args=[...])``.
 
-    def __init__(self, redis: aioredis.Redis, **sources: str):
+    ``acked`` names the scripts that change state (see ``Script``): every one that appends an
+    event, except the sliding refresh of an authenticated page.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, acked: Collection[str] = (), **sources: str):
         for name, body in sources.items():
-            setattr(self, name, Script(redis, body))
+            setattr(self, name, Script(redis, body, acked=name in acked))

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
-from . import keys
+from . import keys, redisconn
 from .audit import Query, with_agents
 from .events import Event
 
@@ -75,10 +75,9 @@ class LiveHub:
 
     def __init__(self, redis: aioredis.Redis, *, max_followers: int, on_change: Callable[[int], None] | None = None,
                  allowed: Callable[[set[str]], Awaitable[set[str]]] | None = None, recheck: float = 10.0):
-        kwargs = dict(redis.connection_pool.connection_kwargs)
-        kwargs["socket_timeout"] = BLOCK_MS / 1000 + 10  # longer than the block (redis-py #2807, #3138)
-        self.redis = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
-            connection_class=redis.connection_pool.connection_class, max_connections=1, **kwargs))
+        # Its own connection (to the primary that Sentinel names, when it does: it follows a
+        # failover), with a socket timeout longer than the block (redis-py #2807, #3138).
+        self.redis = redisconn.dedicated(redis, socket_timeout=BLOCK_MS / 1000 + 10)
         self.max_followers = max_followers
         self.followers: set[Follower] = set()
         self.on_change = on_change
@@ -146,7 +145,7 @@ class LiveHub:
                     log.info("live follow: ended %d stream(s) whose session may no longer follow", ended)
             except asyncio.CancelledError:
                 raise
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            except redisconn.UNAVAILABLE:
                 pass  # Redis down: the streams carry nothing meanwhile; checked again next time
             except Exception:
                 log.exception("live follow: checking followers failed")
@@ -157,8 +156,12 @@ class LiveHub:
 
     async def _run(self) -> None:
         failing = False
+        checked = time.monotonic()
         while True:
             try:
+                if time.monotonic() - checked >= BLOCK_MS / 1000:  # a planned failover leaves us on a replica
+                    checked = time.monotonic()
+                    await redisconn.follow_primary(self.redis)
                 if self.last_id is None:
                     newest = await self.redis.xrevrange(keys.AUDIT, count=1)
                     self.last_id = newest[0][0].decode() if newest else "0-0"
@@ -175,7 +178,7 @@ class LiveHub:
                             follower.offer(event)
             except asyncio.CancelledError:
                 raise
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            except redisconn.UNAVAILABLE as e:
                 if not failing:
                     log.warning("live follow: Redis unreachable (%s); retrying", e)
                     failing = True

@@ -216,7 +216,7 @@ class PasskeyStore:
         self.handle_key = settings.derived_key(HANDLE_KEY_LABEL)
         self.verify_seconds = 0.0  # the last assertion's verification time (bench, logs)
         self.scripts = keys.Scripts(redis, credentials=CREDENTIALS, add=ADD, stored=STORED, login=LOGIN,
-                                    rename=RENAME, remove=REMOVE)
+                                    rename=RENAME, remove=REMOVE, acked={"add", "login", "rename", "remove"})
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

@@ -138,7 +138,8 @@ class ResetStore:
         self.clock = clock
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
         self.ttl_ms = ttl * 1000
-        self.scripts = keys.Scripts(redis, request=throttle.LUA + REQUEST, check=CHECK, use=USE)
+        self.scripts = keys.Scripts(redis, request=throttle.LUA + REQUEST, check=CHECK, use=USE,
+                                    acked={"request", "use"})
 
     def _now(self) -> int:
         return int(self.clock() * 1000)

@@ -44,6 +44,8 @@ local function login_session(now, at)
   local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
   if not user[1] or user[2] == '1' then return false end
   local email = user[1]
+  -- Run twice (a client retrying after a lost reply): the first run did it all, once.
+  if redis.call('HEXISTS', 'sa:sessev', ref) == 1 then return email end
   local old = old_ref ~= '' and session_of(old_ref)
   local old_deadline = old and deadline_of(old_ref)
   -- Events first: the browser's previous session ends, then the new one begins.
@@ -419,7 +421,8 @@ class SessionStore:
         self.binding = "" if binding == "off" else binding
         self.moves_per_minute = moves_per_minute
         self.scripts = keys.Scripts(redis, login=LOGIN, touch=throttle.LUA + TOUCH, end=END, end_all=END_ALL,
-                                    expire_due=EXPIRE_DUE, admins=ADMINS, list=LIST, migrate=MIGRATE)
+                                    expire_due=EXPIRE_DUE, admins=ADMINS, list=LIST, migrate=MIGRATE,
+                                    acked={"login", "end", "end_all", "expire_due"})
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

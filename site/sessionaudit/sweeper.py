@@ -15,6 +15,7 @@ from collections.abc import Callable
 import redis.exceptions
 
 from .audit import AuditLog
+from .redisconn import UNAVAILABLE
 from .sessions import SessionStore
 from .throttle import Throttle
 
@@ -82,7 +83,7 @@ class Sweeper:
                     self.failing = False
                     if self.on_reconnect:
                         self.on_reconnect()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            except UNAVAILABLE as e:
                 if not self.failing:
                     log.warning("sweeper: Redis unreachable (%s); retrying every %.1f s", e, self.interval)
                     self.failing = True

@@ -255,7 +255,7 @@ class Throttle:
                                                                                          reverse=True)]
         self.scripts = keys.Scripts(redis, check=LUA + CHECK, refuse=LUA + REFUSE, fail=LUA + FAIL,
                                     register_failed=LUA + REGISTER_FAILED, register_wait=LUA + REGISTER_WAIT,
-                                    flush_due=LUA + FLUSH_DUE)
+                                    flush_due=LUA + FLUSH_DUE, acked={"refuse", "fail", "register_failed", "flush_due"})
 
     def _now(self) -> int:
         return int(self.clock() * 1000)

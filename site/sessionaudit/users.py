@@ -12,7 +12,13 @@ from . import keys
 
 REGISTER = r"""
 local now, email, hash, admin, ip, ua = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-if redis.call('HEXISTS', 'sa:emails', email) == 1 then return false end
+local taken = redis.call('HGET', 'sa:emails', email)
+if taken then
+  -- Taken by this very registration when it runs twice (a client retrying after a lost reply):
+  -- its password hash, salted afresh for each attempt, tells.
+  if redis.call('HGET', 'sa:user:' .. taken, 'hash') == hash then return taken end
+  return false
+end
 local uid = tostring((tonumber(redis.call('GET', 'sa:user:next')) or 0) + 1)
 emit(now, {t = 'register', u = uid, e = email, i = ip, g = ua})
 redis.call('SET', 'sa:user:next', uid)
@@ -86,7 +92,8 @@ class UserStore:
         self.redis = redis
         self.clock = clock
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
-        self.scripts = keys.Scripts(redis, register=REGISTER, set_flag=SET_FLAG, find_admin=FIND_ADMIN)
+        self.scripts = keys.Scripts(redis, register=REGISTER, set_flag=SET_FLAG, find_admin=FIND_ADMIN,
+                                    acked={"register", "set_flag"})
 
     async def create(self, email: str, password_hash: str, *, admin: bool = False,
                      ip: str = "", user_agent: str = "") -> str | None:

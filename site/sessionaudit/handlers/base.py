@@ -13,13 +13,13 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import redis.exceptions
 import tornado.httputil
 import tornado.web
 from markupsafe import Markup
 
 from .. import inputs
 from ..passwords import HasherBusy
+from ..redisconn import UNAVAILABLE, NotReplicated
 from ..sessions import Current
 
 log = logging.getLogger("sessionaudit.web")
@@ -31,7 +31,9 @@ DEVICE_COOKIE = "device"  # names an account this browser has logged in to (thro
 DEVICE_COOKIE_DAYS = 365
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 FORM_LIMIT = 64 * 1024  # bytes of a form body; more gets 413
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+REDIS_DOWN = UNAVAILABLE  # down, failing over, loading, or too few replicas: 503
+NOT_REPLICATED = ("The site could not confirm that your change was stored safely. It may or may not have "
+                  "taken effect: reload the page to see, and try again if it did not.")
 
 ERROR_TEXT = {
     400: ("Bad request", "The request could not be understood."),
@@ -363,6 +365,8 @@ class BaseHandler(tornado.web.RequestHandler):
         title, text = ERROR_TEXT.get(status_code, (self._reason, "The request could not be completed."))
         if isinstance(exc, HasherBusy):
             text = "Many people are signing in right now. Try again in a moment."
+        elif isinstance(exc, NotReplicated):
+            text = NOT_REPLICATED
         if isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code in (400, 403, 429):
             text = exc.log_message if status_code == 400 else text
         trace = None
