@@ -283,8 +283,10 @@ async def test_verify_passes_then_catches_planted_violations(browser: Browser, r
 async def test_retention_trims_old_events_and_indexes(rdb, app, clock) -> None:
     users = app.ctx.users
     await users.create("old@example.com", "x")
+    await app.ctx.seals.seal_once()  # retention removes whole sealed batches (see test_seal.py)
     clock.advance(10 * 86400)
     await users.create("new@example.com", "x")
+    await app.ctx.seals.seal_once()
     audit: AuditLog = app.ctx.audit
     cutoff = int((clock() - 5 * 86400) * 1000)
     assert await audit.trim_step(cutoff) == 1

@@ -20,6 +20,7 @@ from .live import LiveHub
 from .metrics import Metrics
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
+from .seal import SealKeys, SealService
 from .sessions import SessionStore
 from .stats import Stats
 from .throttle import Throttle
@@ -50,6 +51,11 @@ class Context:
         self.stats = Stats(redis, clock)
         self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set)
         self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
+        # Seals the trail (while this process holds the lease) and verifies it; started by `serve`, which
+        # also gives it the copy outside Redis. Background passes slow down while requests are served.
+        self.seals = SealService(redis, SealKeys.from_settings(settings), clock,
+                                 retention_days=settings.audit_retention_days, metrics=self.metrics,
+                                 busy=lambda: self.in_flight > len(self.live.followers))
         self.jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(settings.template_path),
             autoescape=True,

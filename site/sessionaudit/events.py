@@ -234,6 +234,12 @@ def id_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def next_id(entry_id: str) -> str:
+    """The smallest stream id after ``entry_id``: an exclusive bound (``before=``) that includes it."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
 def valid_id(text: str) -> bool:
     ms, sep, seq = text.partition("-")
     return ms.isdigit() and (not sep or seq.isdigit()) and len(ms) <= 15 and len(seq) <= 19

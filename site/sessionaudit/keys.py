@@ -46,7 +46,11 @@ FAIL_ACCOUNT = "sa:f:a:"  # + email: throttle state (see throttle.py)
 FAIL_ADDRESS = "sa:f:i:"  # + ip
 FAIL_DEVICE = "sa:f:d:"  # + device id: failures made with that browser's device cookie
 FAIL_REGISTER = "sa:f:r:"  # + ip: refused registrations
-THROTTLE_DUE = "sa:f:due"  # zset: throttle keys with refused attempts not yet recorded, by when they are due
+THROTTLE_DUE = "sa:f:due"
+# Tamper evidence (seal.py): one entry per sealed batch of events, its id the id of the batch's last
+# event; written by the process that holds the lease (token and expiry, in ms of the site's clock).
+SEALS = "audit:seal"
+SEAL_LEASE = "sa:seal:lease"  # zset: throttle keys with refused attempts not yet recorded, by when they are due
 agents_key = events.agents_key
 
 

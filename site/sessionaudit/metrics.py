@@ -35,6 +35,21 @@ class Metrics:
         self.hash_seconds = Histogram("sessionaudit_argon2_seconds", "Time of one argon2 hash or verify",
                                       registry=r, buckets=(.01, .025, .05, .1, .2, .4, .8, 1.6))
         self.followers = Gauge("sessionaudit_live_followers", "Admins following the audit trail", registry=r)
+        self.seal_failed = Gauge("sessionaudit_audit_verification_failed",
+                                 "1 when this process found the audit trail not what was sealed (see its ERROR log "
+                                 "line and the admin pages), else 0", registry=r)
+        self.verified_through = Gauge("sessionaudit_audit_verified_through_seconds",
+                                      "Unix time of the newest event this process has verified against its seal",
+                                      registry=r)
+        self.unsealed_age = Gauge("sessionaudit_audit_unsealed_seconds",
+                                  "Age of the oldest audit event not sealed yet (0: all sealed)", registry=r)
+        self.sealed_events = Counter("sessionaudit_audit_sealed_events", "Audit events sealed by this process",
+                                     registry=r)
+        self.seals = Counter("sessionaudit_audit_seals", "Seals written by this process", registry=r)
+        self.verify_seconds = Gauge("sessionaudit_audit_verify_pass_seconds",
+                                    "Duration of the last whole-trail verification pass", registry=r)
+        self.verify_cpu = Gauge("sessionaudit_audit_verify_pass_cpu_seconds",
+                                "CPU time of this process in the last whole-trail verification pass", registry=r)
 
     def login(self, result: str) -> None:
         self.logins.labels(result).inc()
@@ -48,6 +63,22 @@ class Metrics:
             self.expired.inc(expired)
             self.event("expired", expired)
         self.sweeper_lag.set(lag_ms / 1000)
+
+    def sealed(self, events: int) -> None:
+        self.seals.inc()
+        self.sealed_events.inc(events)
+
+    def unsealed(self, seconds: float) -> None:
+        self.unsealed_age.set(max(0.0, seconds))
+
+    def verify_pass(self, seconds: float, cpu: float) -> None:
+        self.verify_seconds.set(seconds)
+        self.verify_cpu.set(cpu)
+
+    def seal_status(self, failed: bool, verified_through: float | None) -> None:
+        self.seal_failed.set(1 if failed else 0)
+        if verified_through is not None:
+            self.verified_through.set(verified_through)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

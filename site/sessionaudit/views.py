@@ -7,7 +7,7 @@ import functools
 
 import ua_parser
 
-from .events import iso_ms
+from .events import iso_ms, next_id
 
 
 def utc(ms: int | None) -> str:
@@ -70,7 +70,7 @@ def warm_up() -> None:
     ua_summary("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36")
 
 
-FILTERS = {"utc": utc, "duration": duration, "ua": ua_summary, "iso": iso_ms}
+FILTERS = {"utc": utc, "duration": duration, "ua": ua_summary, "iso": iso_ms, "next_id": next_id}
 
 
 # -- charts (server-side SVG) -------------------------------------------------------------
