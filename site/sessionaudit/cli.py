@@ -462,7 +462,7 @@ def verify_file_command(path: str, settings: Settings) -> int:
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
     if settings.log_format == "json":
-        print(json.dumps({"file": path, "problems": [p.message for p in report.problems], **report.to_json()}))
+        print(json.dumps({"file": path, **report.to_json()}))
         return 0 if report.ok else 1
     print_seal_report(report, path)
     if not report.ok:

@@ -49,7 +49,12 @@ class Metrics:
         self.verify_seconds = Gauge("sessionaudit_audit_verify_pass_seconds",
                                     "Duration of the last whole-trail verification pass", registry=r)
         self.verify_cpu = Gauge("sessionaudit_audit_verify_pass_cpu_seconds",
-                                "CPU time of this process in the last whole-trail verification pass", registry=r)
+                                "CPU time of the IOLoop thread during the last whole-trail verification pass (the "
+                                "pass's own when the process served nothing else meanwhile)", registry=r)
+        self.verify_events = Gauge("sessionaudit_audit_verify_pass_events",
+                                   "Events checked by the last whole-trail verification pass", registry=r)
+        self.verify_passes = Counter("sessionaudit_audit_verify_passes", "Whole-trail verification passes finished",
+                                     registry=r)
 
     def login(self, result: str) -> None:
         self.logins.labels(result).inc()
@@ -71,9 +76,11 @@ class Metrics:
     def unsealed(self, seconds: float) -> None:
         self.unsealed_age.set(max(0.0, seconds))
 
-    def verify_pass(self, seconds: float, cpu: float) -> None:
+    def verify_pass(self, seconds: float, cpu: float, events: int) -> None:
+        self.verify_passes.inc()
         self.verify_seconds.set(seconds)
         self.verify_cpu.set(cpu)
+        self.verify_events.set(events)
 
     def seal_status(self, failed: bool, verified_through: float | None) -> None:
         self.seal_failed.set(1 if failed else 0)

@@ -62,10 +62,12 @@ log = logging.getLogger("sessionaudit.seal")
 
 LABEL = "sessionaudit audit seal"  # HKDF label of the seal key
 DIGEST_BYTES = 8  # per-event digest kept in Redis: names the event; the chain value proves it
-BATCH_MAX = 2048  # events per seal at most (16 KiB of digests)
+BATCH_MAX = 2000  # events per seal at most: 16,000 bytes of digests, just within a 16 KiB allocation
 GENESIS = bytes(32)  # m_prev of the first seal
 OUTSIDE_NAME = "audit-seal.json"
 SEAL_LOG_EVERY = 10.0  # seconds between log lines of the newest seal (while events are sealed)
+READ_BATCHES = 4  # batches read (one XRANGE) and sealed (one pipeline) per round trip
+CATCH_UP = 10 * BATCH_MAX  # events sealed in one go beyond which the sealer leaves the IOLoop half its time
 UNSEALED_GRACE_MS = 10_000  # an event this long unsealed means sealing is not keeping up
 EVENT_CHUNK = 2000  # events read per round trip while verifying
 SEAL_CHUNK = 32  # seals read per round trip while verifying
@@ -246,6 +248,16 @@ class Head:
 START = Head("", GENESIS, 0)
 
 
+def make_seal(mac: Mac, name: str, prev: Head, entries: list[Any],
+              agents: dict[tuple[str, bytes], str | None]) -> Seal:
+    """The seal of raw stream entries (oldest first) chained on from ``prev``."""
+    fulls = [mac(canonical(events.export_row_flat(i, f, agents))) for i, f in entries]
+    seal_id = entries[-1][0].decode()
+    total = prev.total + len(fulls)
+    return Seal(seal_id, name, total, chain_value(mac, prev.mac, seal_id, total, b"".join(fulls)),
+                b"".join(f[:DIGEST_BYTES] for f in fulls))
+
+
 @dataclass(frozen=True)
 class Problem:
     """What verification found wrong, in words an admin can act on, and the event or seal it names."""
@@ -301,7 +313,7 @@ def _misfit(rows: list[tuple[str, bytes]], got: list[bytes], want: list[bytes], 
             if nxt is not None and where[got[nxt]] == j:
                 return Problem(INSERTED, f"event {ident} was inserted: seal {seal.id} does not include it",
                                event=ident, seal=seal.id)
-            return Problem(ALTERED, f"event {ident} was altered: it does not match its seal ({seal.id})",
+            return Problem(ALTERED, f"event {ident} was altered: it does not match its seal{_which(seal, ident)}",
                            event=ident, seal=seal.id)
         if k > j:
             if want[j] in got[i + 1:]:
@@ -322,6 +334,10 @@ def _misfit(rows: list[tuple[str, bytes]], got: list[bytes], want: list[bytes], 
     return _deleted(seal, after, None)
 
 
+def _which(seal: Seal, ident: str) -> str:
+    return "" if seal.id == ident else f" ({seal.id})"
+
+
 def _deleted(seal: Seal, after: str | None, before: str | None) -> Problem:
     where = f"after event {after}" if after else "at the start of the kept trail"
     where += f" and before event {before}" if before else f", up to {seal.id}"
@@ -337,7 +353,7 @@ class Trail:
 
     def __init__(self, redis: aioredis.Redis, after: str, chunk: int = EVENT_CHUNK,
                  on_entries: Callable[[list[Any]], None] | None = None,
-                 pace: Callable[[float], Awaitable[None]] | None = None):
+                 pace: Callable[[], Awaitable[None]] | None = None):
         self.redis = redis
         self.cursor = f"({after}" if after else "-"
         self.chunk = chunk
@@ -376,10 +392,9 @@ class Trail:
         self.rows = self.rows[self.pos:] + rows
         self.pos = 0
         self.read += len(rows)
-        worked = time.thread_time() - started
-        self.cpu += worked
+        self.cpu += time.thread_time() - started
         if self.pace:
-            await self.pace(worked)
+            await self.pace()
         return True
 
     async def through(self, last: str) -> list[tuple[str, bytes]]:
@@ -616,11 +631,11 @@ class Report:
 async def verify_redis(redis: aioredis.Redis, keys_: SealKeys, *, now_ms: int, retention_days: int,
                        outside: OutsideSeal | None = None,
                        on_entries: Callable[[list[Any]], None] | None = None,
-                       pace: Callable[[float], Awaitable[None]] | None = None) -> Report:
+                       pace: Callable[[], Awaitable[None]] | None = None) -> Report:
     """Recompute the chain from the oldest kept event against the seals in Redis and the outside copy.
 
     ``on_entries`` sees every raw event chunk (``audit verify`` checks the session stories in the same
-    pass); ``pace`` is awaited with the CPU seconds of each piece of work (the background verifier
+    pass); ``pace`` is awaited after each piece of work (a few milliseconds: the background verifier
     sleeps there to bound its share of the CPU).
     """
     started, cpu0 = time.monotonic(), 0.0
@@ -670,7 +685,7 @@ async def verify_redis(redis: aioredis.Redis, keys_: SealKeys, *, now_ms: int, r
             report.events += len(rows)
             report.newest = seal
             if pace:
-                await pace(worked)
+                await pace()
         report.unsealed_from = await trail.first_left()
         if report.unsealed_from is not None:
             report.unsealed = max(1, await redis.xlen(keys.AUDIT) - report.events)
@@ -858,7 +873,7 @@ def _check_each(keys_: SealKeys, seal: Seal, rows: list[tuple[str, bytes]]) -> P
     sealed = set(seal.digest_list())
     for ident, c in rows:
         if mac(c)[:DIGEST_BYTES] not in sealed:
-            return Problem(ALTERED, f"event {ident} was altered: it does not match its seal ({seal.id})",
+            return Problem(ALTERED, f"event {ident} was altered: it does not match its seal{_which(seal, ident)}",
                            event=ident, seal=seal.id)
     return None
 
@@ -903,7 +918,7 @@ class SealService:
 
     def __init__(self, redis: aioredis.Redis, seal_keys: SealKeys, clock: Callable[[], float], *,
                  retention_days: int = 365, outside: OutsideCopy | None = None,
-                 busy: Callable[[], bool] = lambda: False, metrics: Any = None, interval: float = 1.0,
+                 busy: Callable[[], bool] = lambda: False, metrics: Any = None, interval: float = 0.5,
                  lease: float = 5.0, pause_max: float = 5.0, share: float = 0.25, busy_share: float = 0.05):
         self.redis = redis
         self.keys = seal_keys
@@ -929,6 +944,9 @@ class SealService:
         self._last_log = 0.0
         self._logged: Seal | None = None
         self._newest_sealed: Seal | None = None
+        self._renewed = 0.0
+        self._seal_loaded = False
+        self._paced = 0.0
         self._written: Seal | None = None
         self._outside_problem: Problem | None = None
         self._follow_problem: Problem | None = None
@@ -944,7 +962,7 @@ class SealService:
         """Take or renew the lease; while held, seal every event not sealed yet. Returns how many."""
         if not self.keys.current:
             return 0
-        if not await self._scripts.lease(args=[self.now_ms(), self.token, self.lease_ms]):
+        if not await self._renew():
             if self.holding:
                 log.info("another process seals the audit trail now")
             self.holding = False
@@ -956,43 +974,72 @@ class SealService:
             log.info("this process seals the audit trail, continuing after %s",
                      f"seal {self.head.id} ({self.head.total} events)" if self.head.id else "the start")
         sealed, moved = 0, False
-        mac = self.keys.mac(self.keys.current)  # type: ignore[arg-type]
+        name = self.keys.current
+        mac = self.keys.mac(name)
         assert mac is not None
+        script = self._scripts.seal
         while True:
             start = f"({self.head.id}" if self.head.id else "-"
-            entries = await self.redis.execute_command(b"XRANGE", keys.AUDIT, start, "+", "COUNT", BATCH_MAX)
+            entries = await self.redis.execute_command(b"XRANGE", keys.AUDIT, start, "+", "COUNT",
+                                                       READ_BATCHES * BATCH_MAX)
             if not entries:
                 break
             await fill_agents(self.redis, entries, self._agents)
-            began = time.thread_time()
-            fulls = [mac(canonical(events.export_row_flat(i, f, self._agents))) for i, f in entries]
-            prev = self.head
-            seal_id = entries[-1][0].decode()
-            total = prev.total + len(fulls)
-            seal = Seal(seal_id, self.keys.current, total,  # type: ignore[arg-type]
-                        chain_value(mac, prev.mac, seal_id, total, b"".join(fulls)),
-                        b"".join(f[:DIGEST_BYTES] for f in fulls))
-            worked = time.thread_time() - began
-            result = await self._scripts.seal(args=[self.now_ms(), self.token, prev.id, seal.id, seal.key, seal.total,
-                                                    seal.mac, seal.digests])
+            made: list[tuple[Head, Seal]] = []
+            prev, worked = self.head, 0.0
+            for k in range(0, len(entries), BATCH_MAX):
+                began = time.thread_time()
+                seal = make_seal(mac, name, prev, entries[k:k + BATCH_MAX], self._agents)
+                worked += time.thread_time() - began
+                made.append((prev, seal))
+                prev = Head.of(seal)
+                await asyncio.sleep(0)  # requests get their turn between batches
+            # One round trip for all of them; each is refused unless the one before it went in.
+            if not self._seal_loaded:
+                await self.redis.script_load(script.source)
+                self._seal_loaded = True
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for before, seal in made:
+                    pipe.execute_command("EVALSHA", script.sha, 0, self.now_ms(), self.token, before.id, seal.id,
+                                         seal.key, seal.total, seal.mac, seal.digests)
+                results = await pipe.execute(raise_on_error=False)
+            for (before, seal), result in zip(made, results, strict=True):
+                if result != b"ok":
+                    break
+                self.head = Head.of(seal)
+                sealed += seal.count
+                self._sealed(before, seal)
+            else:
+                if len(entries) < READ_BATCHES * BATCH_MAX:
+                    break
+                if sealed >= CATCH_UP:
+                    await asyncio.sleep(worked)  # catching up with a backlog: about half the CPU at most
+                if time.monotonic() - self._renewed > self.lease_ms / 3000 and not await self._renew():
+                    self.holding, self.head = False, None
+                    break
+                continue
+            if isinstance(result, redis.exceptions.NoScriptError):  # the scripts were flushed
+                self._seal_loaded = False
+                break
+            if isinstance(result, Exception):
+                raise result
             if result == b"moved" and not moved:  # the newest seal is not the one this process wrote last
                 newest = await newest_seal(self.redis)
                 log.warning("sealing: the newest seal in Redis is %s, not %s, which this process wrote: going on "
-                            "from it", newest.id if newest else "none", prev.id or "none")
+                            "from it", newest.id if newest else "none", self.head.id or "none")
                 self.head, moved = Head.of(newest) if newest else START, True
                 continue
-            if result != b"ok":
-                log.info("sealing: the lease passed to another process")
-                self.holding = False
-                self.head = None
-                break
-            self.head = Head.of(seal)
-            sealed += seal.count
-            self._sealed(prev, seal)
-            if len(entries) < BATCH_MAX:
-                break
-            await asyncio.sleep(worked)  # catching up: at most half the CPU
+            log.info("sealing: the lease passed to another process")
+            self.holding, self.head = False, None
+            break
         return sealed
+
+    async def _renew(self) -> bool:
+        """Take or renew the lease."""
+        if await self._scripts.lease(args=[self.now_ms(), self.token, self.lease_ms]):
+            self._renewed = time.monotonic()
+            return True
+        return False
 
     def _sealed(self, prev: Head, seal: Seal) -> None:
         self._newest_sealed = seal
@@ -1128,19 +1175,23 @@ class SealService:
                 recorded = await asyncio.to_thread(self.outside.read)
             except ValueError as e:
                 log.warning("%s", e)
+        cpu = self._paced = time.thread_time()
         report = await verify_redis(self.redis, self.keys, now_ms=self.now_ms(), retention_days=self.retention_days,
                                     outside=recorded, pace=self._pace)
+        cpu = time.thread_time() - cpu  # the IOLoop thread's: the pass's own when nothing else ran meanwhile
         status = self.status
         status.passes += 1
-        status.pass_seconds, status.pass_cpu, status.last_pass_at = report.seconds, report.cpu, started_at
+        status.pass_seconds, status.pass_cpu, status.last_pass_at = report.seconds, cpu, started_at
         if self.metrics is not None:
-            self.metrics.verify_pass(report.seconds, report.cpu)
+            self.metrics.verify_pass(report.seconds, cpu, report.events)
         # A problem that following found during this pass still stands; one found before it was re-checked,
         # except a seal this process had verified that is gone: only this process saw it.
         if self._follow_problem is follow_problem_before and (
                 self._follow_problem is None or self._follow_problem.kind != CUT_OFF):
             self._follow_problem = None
         if report.problems:
+            status.verified_id = report.verified.id if report.verified else None
+            status.verified_events = report.verified.total if report.verified else 0
             self._fail(report.problems[0], first=True)
         elif self._follow_problem is not None:
             self._fail(self._follow_problem)
@@ -1159,10 +1210,15 @@ class SealService:
         self._report()
         return report
 
-    async def _pace(self, worked: float) -> None:
-        """Sleep so that background work stays within its share of a core (less while pages are served)."""
+    async def _pace(self) -> None:
+        """Sleep so that a pass stays within its share of a core (less while requests are in flight).
+
+        What it used is the IOLoop thread's CPU since the last sleep: the pass's reading and parsing
+        as well as its hashing (and whatever else ran meanwhile, which only makes it slower)."""
+        worked = time.thread_time() - self._paced
         share = self.busy_share if self.busy() else self.share
-        await asyncio.sleep(worked * (1 / share - 1))
+        await asyncio.sleep(max(0.0, worked) * (1 / share - 1))
+        self._paced = time.thread_time()
 
     def _fail(self, problem: Problem, first: bool = False) -> None:
         """Note a problem: the status names the first one found (``first``: the oldest in the trail)."""
@@ -1190,13 +1246,20 @@ class SealService:
         loop = asyncio.get_running_loop()
         self.status.running = True
         self.status.started_at = self.clock()
-        self._tasks = [loop.create_task(self._loop("sealing", self._tick, lambda: self.interval)),
-                       loop.create_task(self._loop("verifying", self.full_pass, self._pause))]
+        self._tasks = [
+            loop.create_task(self._loop("sealing", self._seal_step, self._seal_period, every=True)),
+            loop.create_task(self._loop("following", self.follow_once, lambda: 1.0, every=True)),
+            loop.create_task(self._loop("verifying", self.full_pass, self._pause)),
+        ]
 
-    async def _tick(self) -> None:
+    async def _seal_step(self) -> None:
         await self.seal_once()
         self.log_seal()
-        await self.follow_once()
+
+    def _seal_period(self) -> float:
+        """Seconds from one sealing round to the next: ``interval`` while this process seals (so an event
+        waits that long at most), else a try for the lease a second."""
+        return self.interval if self.holding else max(self.interval, 1.0)
 
     def _pause(self) -> float:
         """Seconds between whole passes: as long as the last one took, between 1 and ``pause_max``."""
@@ -1213,8 +1276,11 @@ class SealService:
         await self.release()
         self.status.running = False
 
-    async def _loop(self, what: str, step: Callable[[], Awaitable[Any]], pause: Callable[[], float]) -> None:
+    async def _loop(self, what: str, step: Callable[[], Awaitable[Any]], pause: Callable[[], float],
+                    every: bool = False) -> None:
+        """Run ``step`` until stopped, ``pause()`` seconds apart (``every``: from one start to the next)."""
         while not self._stopping.is_set():
+            began = time.monotonic()
             try:
                 await step()
                 if self._failing.pop(what, False):
@@ -1228,8 +1294,9 @@ class SealService:
                 raise
             except Exception:
                 log.exception("audit %s failed; retrying", what)
+            wait = pause() - (time.monotonic() - began if every else 0.0)
             try:
-                await asyncio.wait_for(self._stopping.wait(), pause())
+                await asyncio.wait_for(self._stopping.wait(), max(0.01, wait))
             except TimeoutError:
                 pass
 
