@@ -518,3 +518,52 @@ async def test_verify_checks_each_new_process_restart(app, rdb, clock, browser: 
 
 def test_settings_without_any_secret_seal_nothing() -> None:
     assert not seal.SealKeys.from_settings(test_settings(cookie_secret={}))
+
+
+FLOOD = """
+for k = 1, tonumber(ARGV[1]) do
+  emit(tonumber(ARGV[2]), {t = 'login_failed', e = 'x' .. k .. '@example.com', i = '10.0.0.1',
+                           g = 'Agent/' .. (k % 3), r = 'bad_credentials'})
+end
+return 1
+"""
+
+
+async def test_a_flood_is_sealed_in_full_batches_and_checked_across_them(app, rdb, clock) -> None:
+    await keys.Script(rdb, FLOOD)(args=[4500, int(clock() * 1000)])
+    assert await app.ctx.seals.seal_once() == 4500
+    found = [seal.Seal.from_entry(i, f) for i, f in await rdb.xrange(keys.SEALS)]
+    assert [s.count for s in found] == [seal.BATCH_MAX, seal.BATCH_MAX, 500]
+    assert (await verify(app, clock)).ok
+    victim = (await rdb.xrange(keys.AUDIT, "-", "+", count=3001))[-1][0].decode()  # inside the second batch
+    await rewrite(rdb, lambda entries: [(i, {**f, b"r": b"throttled"} if i == victim else f) for i, f in entries])
+    problem = only(await verify(app, clock))
+    assert (problem.kind, problem.event, problem.seal) == (seal.ALTERED, victim, found[1].id)
+
+
+async def test_an_entry_that_is_no_event_is_sealed_too(app, rdb, clock) -> None:
+    """Garbage written into the trail does not stop the sealer; changing it afterwards is still seen."""
+    first = await add_events(app, clock, 1)
+    ms, seq = first[0].split("-")
+    junk = await rdb.xadd(keys.AUDIT, {"t": "login", "a": "not a number"}, id=f"{ms}-{int(seq) + 1}")
+    await app.ctx.users.create("after@example.com", "x")
+    assert await app.ctx.seals.seal_once() == 3
+    assert (await verify(app, clock)).ok
+    await rewrite(rdb, lambda entries: [(i, {b"t": b"login", b"a": b"still not"} if i == junk.decode() else f)
+                                        for i, f in entries])
+    assert only(await verify(app, clock)).event == junk.decode()
+
+
+async def test_an_unwritable_data_dir_is_reported_not_fatal(app, clock, tmp_path, caplog) -> None:
+    (tmp_path / "not-a-dir").write_text("")  # unwritable for root too
+    app.ctx.seals.outside = seal.OutsideCopy(tmp_path / "not-a-dir" / seal.OUTSIDE_NAME)
+    await add_events(app, clock, 1)
+    await app.ctx.seals.seal_once()
+    with caplog.at_level(logging.ERROR, logger="sessionaudit.seal"):
+        await app.ctx.seals.follow_once()
+        await add_events(app, clock, 1, tag="more")
+        await app.ctx.seals.seal_once()
+        await app.ctx.seals.follow_once()
+    complaints = [r.getMessage() for r in caplog.records if "cannot write the copy" in r.getMessage()]
+    assert len(complaints) == 1 and "not-a-dir" in complaints[0]  # once, not at every round
+    assert app.ctx.seals.status.verified_events == 2  # sealing and checking go on

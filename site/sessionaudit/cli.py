@@ -490,10 +490,13 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             raise UsageError("audit needs an action: verify or trim")
         if ns.command == "create-user" and not ns.email:
             raise UsageError("create-user needs --email")
-        if ns.command == "serve":
-            settings = config.load_secrets(settings)
-        elif ns.command == "audit" and ns.action == "verify":
-            settings = config.load_secrets(settings, create=False)  # the site's key; never a new one
+        try:
+            if ns.command == "serve":
+                settings = config.load_secrets(settings)
+            elif ns.command == "audit" and ns.action == "verify":
+                settings = config.load_secrets(settings, create=False)  # the site's key; never a new one
+        except ValueError as e:  # a malformed COOKIE_SECRET or AUDIT_KEY
+            raise UsageError(str(e)) from None
         if ns.file and (ns.command, ns.action) != ("audit", "verify"):
             raise UsageError("--file goes with audit verify")
         try:

@@ -166,6 +166,21 @@ def canonical(row: dict[str, Any]) -> bytes:
     return orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
 
 
+def exported(entry_id: bytes, flat: list[bytes], agents: dict[tuple[str, bytes], str | None]) -> dict[str, Any]:
+    """A raw stream entry in its exported form (``Event.to_json``), which its seal covers.
+
+    An entry that is not an event the site could have written (a field that should be a number is
+    not) has no exported form: its raw fields stand in, so it is sealed and checked like any other
+    rather than stopping the sealer.
+    """
+    try:
+        return events.export_row_flat(entry_id, flat, agents)
+    except (ValueError, UnicodeDecodeError, IndexError):
+        raw = zip(flat[::2], flat[1::2], strict=False)
+        return {"id": entry_id.decode(errors="replace"),
+                "raw": {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw}}
+
+
 def chain_value(mac: Mac, prev: bytes, seal_id: str, total: int, fulls: bytes) -> bytes:
     """m of a seal: the previous seal's m, its own id and running count, and its events' full MACs."""
     return mac(b"sessionaudit seal 1\n" + prev + f"{seal_id}\n{total}\n".encode() + fulls)
@@ -251,7 +266,7 @@ START = Head("", GENESIS, 0)
 def make_seal(mac: Mac, name: str, prev: Head, entries: list[Any],
               agents: dict[tuple[str, bytes], str | None]) -> Seal:
     """The seal of raw stream entries (oldest first) chained on from ``prev``."""
-    fulls = [mac(canonical(events.export_row_flat(i, f, agents))) for i, f in entries]
+    fulls = [mac(canonical(exported(i, f, agents))) for i, f in entries]
     seal_id = entries[-1][0].decode()
     total = prev.total + len(fulls)
     return Seal(seal_id, name, total, chain_value(mac, prev.mac, seal_id, total, b"".join(fulls)),
@@ -388,7 +403,7 @@ class Trail:
             self.on_entries(entries)
         await fill_agents(self.redis, entries, self._agents)
         started = time.thread_time()
-        rows = [(r["id"], canonical(r)) for r in (events.export_row_flat(i, f, self._agents) for i, f in entries)]
+        rows = [(r["id"], canonical(r)) for r in (exported(i, f, self._agents) for i, f in entries)]
         self.rows = self.rows[self.pos:] + rows
         self.pos = 0
         self.read += len(rows)
@@ -946,6 +961,8 @@ class SealService:
         self._newest_sealed: Seal | None = None
         self._renewed = 0.0
         self._seal_loaded = False
+        self._write_failing = False
+        self._errors: dict[str, tuple[str, float]] = {}
         self._paced = 0.0
         self._written: Seal | None = None
         self._outside_problem: Problem | None = None
@@ -1099,7 +1116,7 @@ class SealService:
                                                            2 * BATCH_MAX)
                 await fill_agents(self.redis, entries, self._agents)
                 began = time.thread_time()
-                rows = [(r["id"], canonical(r)) for r in (events.export_row_flat(i, f, self._agents)
+                rows = [(r["id"], canonical(r)) for r in (exported(i, f, self._agents)
                                                           for i, f in entries)]
                 problem = check_batch(self.keys, prev, item, rows)
                 worked = time.thread_time() - began
@@ -1160,7 +1177,17 @@ class SealService:
             if recorded.total >= self.followed.total:
                 self._written = self.followed
                 return
-        await asyncio.to_thread(self.outside.write, self.followed)
+        try:
+            await asyncio.to_thread(self.outside.write, self.followed)
+        except OSError as e:
+            if not self._write_failing:
+                log.error("cannot write the copy of the newest seal to %s (%s): a trail cut off together with its "
+                          "seals would not be noticed", self.outside.path, e.strerror or e)
+                self._write_failing = True
+            return
+        if self._write_failing:
+            log.warning("the copy of the newest seal is written to %s again", self.outside.path)
+            self._write_failing = False
         self._written = self.followed
 
     # -- whole passes -----------------------------------------------------------------------------
@@ -1285,15 +1312,18 @@ class SealService:
                 await step()
                 if self._failing.pop(what, False):
                     log.warning("audit %s: Redis is reachable again", what)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
                 if not self._failing.get(what):
                     log.warning("audit %s: Redis unreachable (%s); retrying", what, e)
                     self._failing[what] = True
                 self.holding = False
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("audit %s failed; retrying", what)
+            except Exception as e:  # a bug, or Redis refusing: logged once a minute, not at every round
+                last = self._errors.get(what)
+                if last is None or last[0] != repr(e) or time.monotonic() - last[1] > 60:
+                    log.exception("audit %s failed; retrying", what)
+                    self._errors[what] = (repr(e), time.monotonic())
             wait = pause() - (time.monotonic() - began if every else 0.0)
             try:
                 await asyncio.wait_for(self._stopping.wait(), max(0.01, wait))
