@@ -6,8 +6,7 @@
   var status = document.getElementById("follow-status");
   var rows = document.getElementById("live-rows");
   if (!button || !rows || !window.EventSource) { return; }
-  var LABELS = {register: "Registered", login: "Signed in", login_failed: "Failed sign-in", logout: "Signed out",
-                expired: "Expired", revoked: "Revoked", locked_out: "Locked out"};
+  var LABELS = JSON.parse(button.getAttribute("data-labels") || "{}");  // events.LABELS, from the page
   var source = null;
   button.hidden = false;
 
@@ -56,7 +55,12 @@
       ua.title = ev.user_agent; ua.textContent = shortUa(ev.user_agent);
       cell(tr, null, ua);
     } else { cell(tr, null); }
-    cell(tr, ev.reason || "");
+    var reason = cell(tr, ev.reason || "");
+    if (ev.count && ev.count !== 1) {
+      var count = document.createElement("span");
+      count.className = "count"; count.textContent = " ×" + ev.count;
+      reason.appendChild(count);
+    }
     cell(tr, ev.actor || "");
     return tr;
   }

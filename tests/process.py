@@ -65,9 +65,13 @@ def alive(pid: int) -> bool:
 
 
 class Site:
-    def __init__(self, data_dir: Path, *args: str, **extra: str):
+    def __init__(self, data_dir: Path, *args: str, host: str = "127.0.0.1", **extra: str):
+        """``host``: the name the site is reached by; another than 127.0.0.1 becomes its --public-url
+        (passkeys need a host name, such as localhost)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
+        if host != "127.0.0.1":
+            args = (*args, f"--public-url={self.url}")
         self.log = data_dir / f"site-{self.port}.log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, SERVER, f"--port={self.port}", f"--data-dir={data_dir}",

@@ -280,3 +280,19 @@ async def test_the_site_user_seals_but_cannot_remove_or_rewrite_seals(browser: B
     assert await admin.xrange(keys.SEALS) == seals
     report = await verify_redis(site, app.ctx.seals.keys, now_ms=int(clock() * 1000), retention_days=365)
     assert report.ok and report.events == 2 and app.ctx.seals.status.verified_id == newest
+
+
+async def test_maintenance_user_drops_the_dictionaries_of_trimmed_days(browser: Browser, new_browser: Any,
+                                                                       clock: Any, maint: aioredis.Redis,
+                                                                       admin: aioredis.Redis, app: Any) -> None:
+    await browser.register("old@example.com")
+    await app.ctx.seals.seal_once()  # retention removes sealed batches
+    clock.advance(2 * 86_400)
+    await new_browser().register("new@example.com")
+    await app.ctx.seals.seal_once()
+    assert len(await admin.keys(keys.AGENTS + "*")) == 2
+    while await AuditLog(maint).trim_step(int(clock() * 1000) - 86_400_000):
+        pass
+    [left] = await admin.keys(keys.AGENTS + "*")
+    assert left.decode() == keys.agents_key(f"{int(clock() * 1000)}-0")
+    assert {e.user for e in await read_events(admin)} == {"new@example.com"}

@@ -6,11 +6,13 @@ import asyncio
 import dataclasses
 import json
 import re
+import socket
 import urllib.parse
 
 import pytest
 
 from conftest import Browser, make_admin, read_events, serving
+from sessionaudit import keys
 from sessionaudit.app import make_app
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -25,9 +27,14 @@ class SSE:
 
     @classmethod
     async def open(cls, base_url: str, browser: Browser, path: str = "/admin/audit/live",
-                   last_event_id: str | None = None) -> SSE:
+                   last_event_id: str | None = None, receive_buffer: int | None = None) -> SSE:
         port = int(urllib.parse.urlsplit(base_url).port or 80)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sock = socket.socket()
+        if receive_buffer:  # a client that reads slowly, or not at all, takes little off the server
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
         cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
         extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
         writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nCookie: {cookies}\r\n"
@@ -211,8 +218,8 @@ async def test_user_timeline_draws_session_bars(new_browser, rdb, clock) -> None
 
 
 async def test_stream_stops_when_the_followers_session_ends(http_client, rdb, clock, settings) -> None:
-    """Following is not activity, and an ended session stops receiving within one heartbeat."""
-    settings = dataclasses.replace(settings, live_heartbeat=0.05)
+    """Following is not activity, and an ended session stops receiving at the next check."""
+    settings = dataclasses.replace(settings, live_heartbeat=0.05, live_recheck=0.1)
     app = make_app(settings, rdb, clock)
     async with serving(app) as base:
         admin = Browser(http_client, base)
@@ -228,3 +235,91 @@ async def test_stream_stops_when_the_followers_session_ends(http_client, rdb, cl
             seen.append(message[1]["type"])
         assert seen == ["login", "revoked"]  # ...and then the stream ended
         stream.close()
+
+
+async def test_a_removed_admin_is_cut_off_however_busy_the_trail(http_client, rdb, clock, settings) -> None:
+    """The attack: keep the trail busy (anonymous failed logins) so that no heartbeat wait ever times
+    out, and keep receiving every event after losing admin rights. The check runs on its own timer."""
+    settings = dataclasses.replace(settings, live_heartbeat=15.0, live_recheck=0.2)
+    app = make_app(settings, rdb, clock)
+    async with serving(app) as base:
+        admin = Browser(http_client, base)
+        await admin.register("demoted@example.com")
+        await make_admin(rdb, "demoted@example.com")
+        boss = Browser(http_client, base)
+        await boss.register("boss@example.com")
+        await make_admin(rdb, "boss@example.com")
+        stream = await SSE.open(base, admin)
+        assert stream.status == 200
+        assert (await boss.post("/admin/users/1/unadmin")).code == 303
+        noise = Browser(http_client, base)
+        received = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while loop.time() < deadline:
+            await noise.login("ghost@example.com", "wrong wrong wrong")  # an event every few ms
+            try:
+                message = await asyncio.wait_for(stream.message(), 0.5)
+            except TimeoutError:
+                continue
+            if message is None:
+                break
+            received += 1
+        else:
+            pytest.fail("the demoted admin's stream was never cut off")
+        assert loop.time() < deadline
+        reconnect = await SSE.open(base, admin)
+        assert reconnect.status == 403  # and following again is refused
+        reconnect.close()
+        stream.close()
+
+
+async def test_resuming_from_the_start_does_not_buffer_the_trail(http_client, rdb, clock, settings) -> None:
+    """A follower that resumes from the oldest event and does not read: the server reads the trail
+    only as fast as the client takes it, and lets go of a client that takes nothing."""
+    settings = dataclasses.replace(settings, live_write_timeout=3.0)
+    app = make_app(settings, rdb, clock)
+    flood = keys.Script(rdb, """
+for i = 1, tonumber(ARGV[2]) do
+  emit(tonumber(ARGV[1]), {t = 'login_failed', e = 'x@example.com', i = '10.0.0.1', g = ARGV[3],
+                           r = 'bad_credentials'})
+end
+return 1""")
+    async with serving(app) as base:
+        admin = Browser(http_client, base)
+        await admin.register("reader@example.com")
+        await make_admin(rdb, "reader@example.com")
+        first = (await read_events(rdb))[0].id
+        await flood([int(clock() * 1000), 20_000, "Mozilla/5.0 " + "x" * 500])  # about 15 MB of messages
+        await rdb.config_resetstat()
+        stream = await SSE.open(base, admin, last_event_id=first, receive_buffer=4096)
+        assert stream.status == 200
+
+        async def replay_reads() -> int:
+            stats = await rdb.info("commandstats")
+            return stats.get("cmdstat_xrange", {}).get("calls", 0)
+
+        # The client reads nothing: the replay stops after what the socket buffers hold.
+        stalled, previous = 0, -1
+        while stalled < 5:
+            await asyncio.sleep(0.2)
+            now = await replay_reads()
+            stalled = stalled + 1 if now == previous else 0
+            previous = now
+        assert previous <= 16, f"read {previous} of 41 chunks for a client that took nothing"
+        # ...and after the write timeout the server lets go of it.
+        for _ in range(100):
+            if not app.ctx.live.followers:
+                break
+            await asyncio.sleep(0.1)
+        assert not app.ctx.live.followers
+        stream.close()
+        # A client that does read gets all of it, in order.
+        reading = await SSE.open(base, admin, last_event_id=first)
+        got = 0
+        while got < 20_001:
+            message = await reading.message()
+            assert message is not None
+            got += 1
+        assert message[1]["type"] == "login_failed" and message[1]["user_agent"].startswith("Mozilla/5.0 xxx")
+        reading.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
+import time
 
 import pytest
 
@@ -91,3 +93,44 @@ async def test_a_full_hashing_queue_answers_503_not_a_longer_wait(http_client, r
         assert codes.count(401) == 2 and codes.count(503) == 3  # one hashing, one waiting, the rest refused
         busy = next(r for r in results if r.code == 503)
         assert busy.headers["Retry-After"] and b"Many people are signing in right now" in busy.body
+
+
+async def test_a_form_posted_while_redis_is_down_gets_the_503_page_not_a_reset(tmp_path, http_client,
+                                                                                clock) -> None:
+    """The 503 is answered once the form's body has been read: a server that closes a connection with
+    the body unread makes the kernel reset it, and the browser shows "connection reset" instead."""
+    redis_server = RedisServer.ephemeral(tmp_path).start()
+    client = redis_client(redis_server.url)
+    app = make_app(test_settings(), client, clock)
+    try:
+        async with serving(app) as base:
+            b = Browser(http_client, base)
+            assert (await b.register("form@example.com")).code == 303
+            assert (await b.get("/account")).code == 200  # its forms give the browser an XSRF token
+            redis_server.stop()
+            port = int(base.rsplit(":", 1)[1])
+            cookies = "; ".join(f"{k}={v}" for k, v in b.cookies.items())
+            body = f"_xsrf={b.cookies['_xsrf']}&email=form%40example.com&password={'p' * 4000}".encode()
+            head = (f"POST /login HTTP/1.1\r\nHost: localhost\r\nCookie: {cookies}\r\n"
+                    f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n").encode()
+            loop = asyncio.get_running_loop()
+            for _ in range(10):
+                response = await loop.run_in_executor(None, _post_slowly, port, head, body)
+                assert response.startswith(b"HTTP/1.1 503") and b"Temporarily unavailable" in response
+    finally:
+        await client.aclose()
+        redis_server.stop()
+
+
+def _post_slowly(port: int, head: bytes, body: bytes) -> bytes:
+    """Send the headers, then the body a moment later (as over a real network), then read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        time.sleep(0.05)
+        sock.sendall(body)
+        time.sleep(0.05)
+        chunks = []
+        while chunk := sock.recv(65536):  # ConnectionResetError when the server closed with the body unread
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import Browser, read_events, serving
+from conftest import UA_FIREFOX, UA_IPHONE, Browser, read_events, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 
@@ -96,11 +96,14 @@ async def test_authenticated_page_costs_one_round_trip(browser: Browser, setting
             await b.get("/account")  # scripts loaded, connection warm
             info = await counted.info("commandstats")
             before_sent, before_eval = sent, info.get("cmdstat_evalsha", {}).get("calls", 0)
-            for _ in range(10):
+            for i in range(10):  # every other page from another browser: each move is recorded in the same trip
+                b.user_agent = UA_IPHONE if i % 2 == 0 else UA_FIREFOX
                 assert (await b.get("/account")).code == 200
             info = await counted.info("commandstats")
             assert sent - before_sent - 1 == 10  # minus the INFO itself
             assert info["cmdstat_evalsha"]["calls"] - before_eval == 10
+            moves = [e for e in await read_events(counted) if e.type == "session_changed"]
+            assert len(moves) == 10 and {e.reason for e in moves} == {"browser"}
             anonymous = Browser(browser.client, base)
             before_sent = sent
             for path in ("/", "/login", "/register"):

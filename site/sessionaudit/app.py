@@ -15,9 +15,11 @@ import tornado.web
 from . import events, views
 from .audit import AuditLog
 from .config import Settings
-from .handlers import account, admin, auth, public
+from .factors import FactorStore
+from .handlers import account, admin, auth, public, security
 from .live import LiveHub
-from .metrics import Metrics
+from .metrics import Metrics, method_label
+from .passkeys import PasskeyStore
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
 from .seal import SealKeys, SealService
@@ -45,11 +47,15 @@ class Context:
         count = self.metrics.event
         self.users = UserStore(redis, clock, count)
         self.sessions = SessionStore(redis, settings.session_keys(), clock, idle=settings.session_idle,
-                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count)
+                                     lifetime=settings.session_lifetime, slack=settings.session_ttl_slack, count=count,
+                                     binding=settings.session_binding)
         self.throttle = Throttle(redis, settings, clock, count)
+        self.factors = FactorStore(redis, settings, clock, self.sessions, count)
+        self.passkeys = PasskeyStore(redis, settings, clock, self.sessions, count)
         self.audit = AuditLog(redis)
         self.stats = Stats(redis, clock)
-        self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set)
+        self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set,
+                            allowed=self.sessions.live_admins, recheck=settings.live_recheck)
         self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
         # Seals the trail (while this process holds the lease) and verifies it; started by `serve`, which
         # also gives it the copy outside Redis. Background passes slow down while requests are served.
@@ -104,16 +110,28 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
     ctx = Context(settings, redis, clock)
     views.warm_up()
     ref = r"([A-Za-z0-9_-]{16})"
+    passkey = r"([A-Za-z0-9_-]{22})"
     routes: list[Any] = [
         (r"/", public.HomeHandler),
         (r"/healthz", public.HealthHandler),
         (r"/register", auth.RegisterHandler),
         (r"/login", auth.LoginHandler),
         (r"/logout", auth.LogoutHandler),
+        (r"/login/verify", security.LoginVerifyHandler),
+        (r"/login/passkey", security.PasskeyLoginHandler),
+        (r"/login/passkey/options", security.PasskeyLoginOptionsHandler),
         (r"/account", account.AccountHandler),
         (r"/account/password", account.PasswordHandler),
         (r"/account/sessions/revoke-others", account.RevokeOthersHandler),
         (rf"/account/sessions/{ref}/revoke", account.RevokeOwnHandler),
+        (r"/account/security", security.SecurityHandler),
+        (r"/account/security/totp", security.TotpSetupHandler),
+        (r"/account/security/totp/confirm", security.TotpConfirmHandler),
+        (r"/account/security/totp/disable", security.TotpDisableHandler),
+        (r"/account/security/passkeys", security.PasskeyAddHandler),
+        (r"/account/security/passkeys/options", security.PasskeyOptionsHandler),
+        (rf"/account/security/passkeys/{passkey}/rename", security.PasskeyRenameHandler),
+        (rf"/account/security/passkeys/{passkey}/remove", security.PasskeyRemoveHandler),
         (r"/admin/?", admin.DashboardHandler),
         (r"/admin/audit", admin.AuditHandler),
         (r"/admin/audit\.ndjson", admin.AuditExportHandler, {"fmt": "ndjson"}),
@@ -124,6 +142,7 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
         (rf"/admin/sessions/{ref}/revoke", admin.AdminRevokeHandler),
         (r"/admin/users/([0-9]+)", admin.UserTimelineHandler),
         (r"/admin/users/([0-9]+)/revoke", admin.AdminRevokeAllHandler),
+        (r"/admin/users/([0-9]+)/mfa/reset", admin.MfaResetHandler),
         (r"/admin/users/([0-9]+)/(admin|disable|enable|unadmin)", admin.UserFlagHandler),
         (r"/(favicon\.ico)", tornado.web.StaticFileHandler, {"path": settings.static_path}),
     ]
@@ -158,9 +177,10 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     current = getattr(handler, "current", None)
     level = logging.INFO if status < 500 else logging.ERROR
     if status >= 500 or access_log.isEnabledFor(logging.INFO):
+        method = method_label(handler.request.method)
         access_log.log(level, "%s %s %s %d %.1fms user=%s", getattr(handler, "request_id", "-"),
-                       handler.request.method, handler.request.path, status, seconds * 1000,
+                       method, handler.request.path, status, seconds * 1000,
                        current.uid if current else "-",
-                       extra={"request_id": getattr(handler, "request_id", None), "method": handler.request.method,
+                       extra={"request_id": getattr(handler, "request_id", None), "method": method,
                               "route": route, "path": handler.request.path, "status": status,
                               "duration_ms": round(seconds * 1000, 2), "user": current.uid if current else None})

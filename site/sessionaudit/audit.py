@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from . import events, keys
+from . import events, inputs, keys
 from .events import Event
 
 # ARGV: source key, direction ('rev' or 'fwd'), from (exclusive cursor or open end),
@@ -126,7 +126,7 @@ for day, _ in pairs(days) do
   if day < kept_day then redis.call('DEL', 'audit:ua:' .. string.format('%.0f', day)) end
 end
 local legacy_until = tonumber(redis.call('GET', 'sa:ua:legacy'))
-if legacy_until and kept and kept_ms > legacy_until then
+if legacy_until and kept and kept_ms >= legacy_until then
   redis.call('DEL', 'audit:ua')
   redis.call('DEL', 'sa:ua:legacy')
 end
@@ -169,18 +169,22 @@ class Query:
         for name in ("since", "until"):
             if text := (get(name) or "").strip():
                 try:
-                    values[name] = events.parse_iso(text)
+                    values[name] = inputs.parse_time(text)
                 except ValueError:
                     raise BadQuery(f"{name} must be an ISO 8601 date or time, like 2026-11-28T16:00:00Z.") from None
         for name in ("before", "after"):
             if text := (get(name) or "").strip():
-                if not events.valid_id(text):
+                if not inputs.is_event_id(text):
                     raise BadQuery(f"{name} must be an event id, like 1764344150123-0.")
                 values[name] = text
         if text := (get("limit") or "").strip():
-            if not text.isdigit() or int(text) < 1:
+            try:
+                limit = inputs.whole_number(text)
+            except ValueError:
+                limit = 0
+            if limit < 1:
                 raise BadQuery("limit must be a positive whole number.")
-            values["limit"] = min(int(text), max_limit)
+            values["limit"] = min(limit, max_limit)
         if values.get("since") is not None and values.get("until") is not None and values["since"] > values["until"]:
             raise BadQuery("since is after until.")
         return cls(**values)  # type: ignore[arg-type]

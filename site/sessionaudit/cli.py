@@ -217,6 +217,7 @@ async def serve(settings: Settings, url: str) -> None:
     import tornado.ioloop
 
     from .app import make_app
+    from .factors import DataKeyLost
     from .sweeper import Sweeper
 
     client = redis_client(url)
@@ -241,6 +242,12 @@ async def serve(settings: Settings, url: str) -> None:
     app = make_app(settings, client)
     app.ctx.append_only = mode == acl.APPEND_ONLY
     ctx = app.ctx
+    try:  # re-sealed under the newest COOKIE_SECRET now, so that an older version can be dropped later
+        await ctx.factors.data_key()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        pass  # loaded at first use
+    except DataKeyLost as e:
+        log.error("%s", e)
     server = tornado.httpserver.HTTPServer(app, xheaders=settings.xheaders, max_body_size=1024 * 1024,
                                           idle_connection_timeout=60, body_timeout=30)
     try:

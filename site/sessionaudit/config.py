@@ -37,6 +37,8 @@ class Settings:
     session_idle: int = opt(1800, "seconds without a request that end a session (sliding)")
     session_lifetime: int = opt(43200, "seconds after login that end a session regardless")
     secure_cookies: bool = opt(False, "mark cookies Secure (serve over HTTPS)", flag=True)
+    session_binding: str = opt("off", "end a session used from another browser (browser) or address (address); "
+                                      "off: record the move only")
     xheaders: bool = opt(False, "trust X-Forwarded-For/X-Real-Ip from a proxy for the client address", flag=True)
     debug: bool = opt(False, "tracebacks on error pages and template reloading; never in production", flag=True)
     password_min_length: int = opt(12, "minimum password length in characters (NIST: 15 for password-only login)")
@@ -71,6 +73,9 @@ class Settings:
     static_path: str = field(default=str(ROOT / "static"), metadata={"cli": False})
     session_ttl_slack: int = field(default=60, metadata={"cli": False})  # seconds a key outlives its deadline
     live_heartbeat: float = field(default=15.0, metadata={"cli": False})  # seconds between SSE comments
+    door_budget: int = field(default=600, metadata={"cli": False})  # events a minute a cheap door records one by one
+    live_recheck: float = field(default=10.0, metadata={"cli": False})  # seconds between checks of followers' rights
+    live_write_timeout: float = field(default=30.0, metadata={"cli": False})  # a follower that reads nothing this long
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for a value that cannot work."""
@@ -80,6 +85,8 @@ class Settings:
             raise ValueError("session_idle and session_lifetime must be at least 1 second")
         if self.password_min_length < 8:
             raise ValueError("password_min_length below 8 is not allowed (NIST SP 800-63B-4)")
+        if self.session_binding not in ("off", "browser", "address"):
+            raise ValueError(f"session_binding must be off, browser or address, not {self.session_binding!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.sweep_interval <= 0:

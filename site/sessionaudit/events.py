@@ -219,22 +219,6 @@ def agents_key(entry_id: str | bytes) -> str:
     return f"audit:ua:{int(ms) // 86_400_000}"
 
 
-def parse_iso(text: str) -> int:
-    """ISO 8601 (date, or date and time, with or without zone; no zone means UTC) → UTC ms.
-
-    Raises ValueError for anything else.
-    """
-    text = text.strip()
-    if not text:
-        raise ValueError("empty time")
-    if text.endswith(("z", "Z")):
-        text = text[:-1] + "+00:00"
-    moment = dt.datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return round(moment.timestamp() * 1000)
-
-
 def id_ms(entry_id: str) -> int:
     """The millisecond part of a stream id."""
     return int(entry_id.split("-", 1)[0])
@@ -244,8 +228,3 @@ def next_id(entry_id: str) -> str:
     """The smallest stream id after ``entry_id``: an exclusive bound (``before=``) that includes it."""
     ms, _, seq = entry_id.partition("-")
     return f"{ms}-{int(seq or 0) + 1}"
-
-
-def valid_id(text: str) -> bool:
-    ms, sep, seq = text.partition("-")
-    return ms.isdigit() and (not sep or seq.isdigit()) and len(ms) <= 15 and len(seq) <= 19

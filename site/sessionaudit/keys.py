@@ -34,7 +34,10 @@ LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
 USER_NEXT = "sa:user:next"
 EMAILS = "sa:emails"  # hash: normalized email -> uid
-SESSION = "sa:s:"  # + ref: hash u (uid), l (last seen), x (lifetime deadline); the deadline is its index score
+# + ref: hash u (uid), l (last seen), x (lifetime deadline), h (digests of the address and browser it
+# last used), m (1 address, 2 browser, 3 both: how it has moved since sign-in); the deadline is its index score
+SESSION = "sa:s:"
+MOVED = "sa:st:moved"  # zset: refs of sessions that moved, by the time of their last move (the last 24 hours)
 DEADLINES = "sa:deadlines"  # zset: session refs scored by deadline (ms)
 USER_SESSIONS = "sa:us:"  # + uid: set of live session refs
 STATS_HOUR = "sa:st:h:"  # + hour number: hash type -> count
@@ -46,11 +49,20 @@ FAIL_ACCOUNT = "sa:f:a:"  # + email: throttle state (see throttle.py)
 FAIL_ADDRESS = "sa:f:i:"  # + ip
 FAIL_DEVICE = "sa:f:d:"  # + device id: failures made with that browser's device cookie
 FAIL_REGISTER = "sa:f:r:"  # + ip: refused registrations
-THROTTLE_DUE = "sa:f:due"
+THROTTLE_DUE = "sa:f:due"  # zset: throttle keys with refused attempts not yet recorded, by when they are due
+# Second factors (factors.py, passkeys.py). Secrets are stored encrypted (factors.SecretBox).
+MFA = "sa:mfa:"  # + uid: hash totp (encrypted secret), step (last accepted time step), since (ms)
+MFA_KEY = "sa:mfa:key"  # the data key sealing TOTP secrets, itself sealed under COOKIE_SECRET (factors.py)
+RECOVERY = "sa:rc:"  # + uid: set of HMACs of the unused recovery codes
+TOTP_SETUP = "sa:totp:setup:"  # + uid: hash c (encrypted secret not yet confirmed), x (deadline ms); TTL
+PENDING_LOGIN = "sa:lp:"  # + SHA-256 of the pending step's id: hash u, e (email), n (next), x (deadline); TTL
+PASSKEY = "sa:pk:"  # + passkey ref: hash u, id, k (COSE key), n (sign count), name, a (added), l (last used), ...
+PASSKEYS = "sa:pks:"  # + uid: set of that user's passkey refs
+CHALLENGE_USED = "sa:wc:"  # + challenge nonce: a WebAuthn challenge already used; TTL until it expires
 # Tamper evidence (seal.py): one entry per sealed batch of events, its id the id of the batch's last
-# event; written by the process that holds the lease (token and expiry, in ms of the site's clock).
+# event; written by the process that holds the lease (its token and expiry, in ms of the site's clock).
 SEALS = "audit:seal"
-SEAL_LEASE = "sa:seal:lease"  # zset: throttle keys with refused attempts not yet recorded, by when they are due
+SEAL_LEASE = "sa:seal:lease"
 agents_key = events.agents_key
 
 
@@ -98,10 +110,11 @@ local function agent(key, id)
   return ua
 end
 
--- The dashboard's counters: `n` events of type `t` at `at` (ms); failed logins also by minute and
--- by address (the FAIL_IPS_MAX addresses with most failures each hour: a flood from many
--- addresses cannot grow the table).
-local function count_stats(at, t, ip, n)
+-- The dashboard's counters: `n` events of type `t` at `at` (ms); logins also by how they were proved
+-- (field 'login:<reason>', one of the four the scripts pass); failed logins also by minute and by
+-- address (the FAIL_IPS_MAX addresses with most failures each hour: a flood from many addresses
+-- cannot grow the table).
+local function count_stats(at, t, ip, n, reason)
   local hour = math.floor(at / 3600000)
   local day = math.floor(at / 86400000)
   local hkey = 'sa:st:h:' .. string.format('%.0f', hour)
@@ -110,6 +123,10 @@ local function count_stats(at, t, ip, n)
   redis.call('EXPIRE', hkey, 3 * 86400)
   redis.call('HINCRBY', dkey, t, n)
   redis.call('EXPIRE', dkey, 400 * 86400)
+  if t == 'login' and reason and reason ~= '' then
+    redis.call('HINCRBY', hkey, 'login:' .. reason, n)
+    redis.call('HINCRBY', dkey, 'login:' .. reason, n)
+  end
   if t == 'login_failed' then
     local mkey = 'sa:st:fm:' .. string.format('%.0f', math.floor(at / 60000))
     redis.call('INCRBY', mkey, n)
@@ -151,10 +168,14 @@ local function emit(now, ev)
     redis.call('XADD', 'audit:u:' .. ev.u, id, 't', ev.t)
   end
   if ev.s and ev.s ~= '' then
+    -- A session's timeline: its login, its end, and its first moves (a session that keeps moving
+    -- has the rest in the trail, and cannot grow this entry past about 1 KB).
     local prev = redis.call('HGET', 'sa:sessev', ev.s)
-    redis.call('HSET', 'sa:sessev', ev.s, prev and (prev .. ' ' .. id) or id)
+    if not prev or ev.t ~= 'session_changed' or #prev < 1024 then
+      redis.call('HSET', 'sa:sessev', ev.s, prev and (prev .. ' ' .. id) or id)
+    end
   end
-  if not ev.n then count_stats(at, ev.t, ev.i, 1) end
+  if not ev.n then count_stats(at, ev.t, ev.i, 1, ev.r) end
   return id
 end
 

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# The methods a request can be counted under; any other name is counted as "other", so made-up
+# methods cannot grow the metrics (each label value is a series kept for the process's life).
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
+def method_label(method: str | None) -> str:
+    """The request method as a metric label and in the access log: a known method, or ``other``."""
+    return method if method in METHODS else "other"
+
 
 class Metrics:
     """Every metric of the site, in a registry of its own (one per app: tests build many)."""
@@ -88,5 +97,5 @@ class Metrics:
             self.verified_through.set(verified_through)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+        self.requests.labels(route, method_label(method), str(status)).inc()
         self.latency.labels(route).observe(seconds)

@@ -54,7 +54,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from . import events, keys
+from . import events, inputs, keys
 from .audit import agent_texts
 from .config import Settings, hkdf
 
@@ -241,7 +241,7 @@ class Seal:
                        base64.b64decode(obj["digests"], validate=True))
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"seal line {obj.get('seal')!r} is malformed") from None
-        if not events.valid_id(seal.id) or len(seal.mac) != 32 or not seal.digests \
+        if not inputs.is_event_id(seal.id) or len(seal.mac) != 32 or not seal.digests \
                 or len(seal.digests) % DIGEST_BYTES or seal.total < seal.count:
             raise ValueError(f"seal line {seal.id!r} is malformed")
         return seal
@@ -538,7 +538,7 @@ class OutsideCopy:
                                 str(self.path))
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{self.path} is not a seal record") from None
-        if not events.valid_id(found.id) or len(found.mac) != 32:
+        if not inputs.is_event_id(found.id) or len(found.mac) != 32:
             raise ValueError(f"{self.path} is not a seal record")
         return found
 
@@ -852,7 +852,7 @@ def verify_export(lines: Iterable[bytes], keys_: SealKeys, name: str = "the expo
             current, batch = seal, []
             continue
         ident = obj.get("id")
-        if not isinstance(ident, str) or not events.valid_id(ident):
+        if not isinstance(ident, str) or not inputs.is_event_id(ident):
             report.add(Problem(ALTERED, f"line {number} of {name} is neither an event nor a seal"))
             continue
         key = idkey(ident)

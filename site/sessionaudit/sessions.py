@@ -16,61 +16,78 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from . import events, keys
+from . import events, keys, throttle
 
-# ARGV: now, ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email, method,
-#       device (the id of the browser's device cookie for this account, '' none)
-# Returns the user's email, or false when the account is gone or disabled.
+# Log in: a Lua function that scripts which finish a login of their own (a second factor, a passkey)
+# include and call with the offset of its 14 arguments in ARGV (``SessionStore.login_args``):
+#   ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email, method,
+#   device (the id of the browser's device cookie for this account, '' none), pair (see TOUCH)
+# Returns the user's email, or false (nothing written) when the account is gone or disabled.
 # The session hash holds three numbers (u uid, l last seen, x lifetime deadline): its deadline is
 # its score in the deadline index, and when, where from and with what it began is its login event.
-LOGIN = r"""
-local now, ref, uid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local idle, lifetime, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local ip, ua, old_ref = ARGV[7], ARGV[8], ARGV[9]
-local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
-if not user[1] or user[2] == '1' then return false end
-local email = user[1]
-local old_uid = old_ref ~= '' and redis.call('HGET', 'sa:s:' .. old_ref, 'u')
-local old_deadline = old_uid and deadline_of(old_ref)
--- Events first: the browser's previous session ends, then the new one begins.
-if old_uid and old_deadline then
-  if now >= old_deadline then
-    expire_member(now, old_ref, old_deadline)
-  else
-    local oemail = redis.call('HGET', 'sa:user:' .. old_uid, 'email') or ''
-    emit(now, {t = 'logout', u = old_uid, e = oemail, s = old_ref, i = ip, g = ua})
-    drop_session(old_ref, old_uid, old_ref)
+LUA_LOGIN = r"""
+local function login_session(now, at)
+  local A = function(i) return ARGV[at + i - 1] end
+  local ref, uid = A(1), A(2)
+  local idle, lifetime, slack = tonumber(A(3)), tonumber(A(4)), tonumber(A(5))
+  local ip, ua, old_ref = A(6), A(7), A(8)
+  local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
+  if not user[1] or user[2] == '1' then return false end
+  local email = user[1]
+  local old_uid = old_ref ~= '' and redis.call('HGET', 'sa:s:' .. old_ref, 'u')
+  local old_deadline = old_uid and deadline_of(old_ref)
+  -- Events first: the browser's previous session ends, then the new one begins.
+  if old_uid and old_deadline then
+    if now >= old_deadline then
+      expire_member(now, old_ref, old_deadline)
+    else
+      local oemail = redis.call('HGET', 'sa:user:' .. old_uid, 'email') or ''
+      emit(now, {t = 'logout', u = old_uid, e = oemail, s = old_ref, i = ip, g = ua})
+      drop_session(old_ref, old_uid, old_ref)
+    end
   end
+  emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua, r = A(12)})
+  local deadline = math.min(now + idle, now + lifetime)
+  local key = 'sa:s:' .. ref
+  redis.call('HSET', key, 'u', uid, 'l', string.format('%.0f', now), 'x', string.format('%.0f', now + lifetime))
+  if A(14) and A(14) ~= '' then redis.call('HSET', key, 'h', A(14)) end
+  redis.call('PEXPIRE', key, deadline - now + slack)
+  redis.call('ZADD', 'sa:deadlines', deadline, ref)
+  redis.call('SADD', 'sa:us:' .. uid, ref)
+  if A(9) ~= '' and user[3] == A(10) then
+    redis.call('HSET', 'sa:user:' .. uid, 'hash', A(9))
+  end
+  -- A success clears the failures it was throttled by: the device's, or else the account's.
+  if A(13) ~= '' then redis.call('DEL', 'sa:f:d:' .. A(13)) else redis.call('DEL', 'sa:f:a:' .. A(11)) end
+  return email
 end
-emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua, r = ARGV[13]})
-local deadline = math.min(now + idle, now + lifetime)
-local key = 'sa:s:' .. ref
-redis.call('HSET', key, 'u', uid, 'l', ARGV[1], 'x', string.format('%.0f', now + lifetime))
-redis.call('PEXPIRE', key, deadline - now + slack)
-redis.call('ZADD', 'sa:deadlines', deadline, ref)
-redis.call('SADD', 'sa:us:' .. uid, ref)
-if ARGV[10] ~= '' and user[3] == ARGV[11] then
-  redis.call('HSET', 'sa:user:' .. uid, 'hash', ARGV[10])
-end
--- A success clears the failures it was throttled by: the device's, or else the account's.
-if ARGV[14] ~= '' then redis.call('DEL', 'sa:f:d:' .. ARGV[14]) else redis.call('DEL', 'sa:f:a:' .. ARGV[12]) end
-return email
+"""
+
+# ARGV: now, then the 14 arguments of login_session. Returns the user's email, or false.
+LOGIN = LUA_LOGIN + r"""
+return login_session(tonumber(ARGV[1]), 2)
 """
 
 # The hot path: one round trip per authenticated request.
-# ARGV: now, ref, idle_ms, slack_ms, with_sessions ('1' or '0')
-# Returns false (no such session, or it just expired and was recorded), or
-# {uid, email, admin, [ref, created, last, ip, ua]...} (the user's sessions, this one included)
+# ARGV: now, ref, idle_ms, slack_ms, with_sessions ('1' or '0'), pair, ip, ua, binding, moves a minute
+# `pair` is the address's digest times 2^26 plus the browser's (26 bits each: exact in Lua's numbers).
+# A session remembers the pair it last used: a request with another appends one session_changed
+# (at most `moves` a minute one by one, the rest summarised) and remembers the new pair, or, when
+# `binding` (address or browser) forbids that change, ends the session (revoked, binding).
+# Returns false (no such session, or it just ended and was recorded), or
+# {uid, email, admin, [ref, created, last, ip, ua, moved]...} (the user's sessions, this one included)
 TOUCH = r"""
 local now, ref, idle, slack = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local key = 'sa:s:' .. ref
-local s = redis.call('HMGET', key, 'u', 'l', 'x')
+local s = redis.call('HMGET', key, 'u', 'l', 'x', 'h', 'm')
 if not s[1] then return false end
 local deadline = math.min(tonumber(s[2]) + idle, tonumber(s[3]))
 if now >= deadline then
@@ -80,6 +97,29 @@ end
 local uid = s[1]
 local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'admin', 'disabled')
 if not user[1] or user[3] == '1' then return false end
+local pair, last_pair = tonumber(ARGV[6]), tonumber(s[4])
+if pair and pair ~= last_pair then
+  if last_pair then
+    local address = math.floor(pair / 67108864) ~= math.floor(last_pair / 67108864)
+    local browser = pair % 67108864 ~= last_pair % 67108864
+    if (ARGV[9] == 'address' and address) or (ARGV[9] == 'browser' and browser) then
+      emit(now, {t = 'revoked', u = uid, e = user[1], s = ref, r = 'binding', i = ARGV[7], g = ARGV[8]})
+      drop_session(ref, uid, ref)
+      return false
+    end
+    local reason = address and (browser and 'address,browser' or 'address') or 'browser'
+    record_budgeted('mv:' .. ref, now, tonumber(ARGV[10]),
+                    {t = 'session_changed', u = uid, e = user[1], s = ref, r = reason, i = ARGV[7], g = ARGV[8]})
+    local moved = (tonumber(s[5]) or 0)
+    if address and moved % 2 == 0 then moved = moved + 1 end
+    if browser and moved < 2 then moved = moved + 2 end
+    redis.call('HSET', key, 'h', ARGV[6], 'm', moved)
+    redis.call('ZADD', 'sa:st:moved', now, ref)
+    redis.call('ZREMRANGEBYSCORE', 'sa:st:moved', '-inf', now - 86400000)
+  else
+    redis.call('HSET', key, 'h', ARGV[6])  -- a session from before the check: remember, record nothing
+  end
+end
 local new_deadline = math.min(now + idle, tonumber(s[3]))
 redis.call('HSET', key, 'l', ARGV[1])
 redis.call('PEXPIRE', key, new_deadline - now + slack)
@@ -87,26 +127,32 @@ redis.call('ZADD', 'sa:deadlines', new_deadline, ref)
 local out = {uid, user[1], user[2]}
 if ARGV[5] == '1' then
   for _, other in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
-    local last = redis.call('HGET', 'sa:s:' .. other, 'l')
+    local o = redis.call('HMGET', 'sa:s:' .. other, 'l', 'm')
     local other_deadline = deadline_of(other)
-    if last and other_deadline and other_deadline > now then
+    if o[1] and other_deadline and other_deadline > now then
       local created, ip, ua = login_of(other)
-      out[#out + 1] = other; out[#out + 1] = created; out[#out + 1] = last
-      out[#out + 1] = ip; out[#out + 1] = ua
+      if other == ref then o[1] = ARGV[1] end
+      for _, v in ipairs({other, created, o[1], ip, ua, o[2] or '0'}) do out[#out + 1] = v end
     end
   end
 end
 return out
 """
 
-# Is a session still live (without refreshing it)? ARGV: now, ref. Returns {uid, admin} or false.
-CHECK = r"""
-local uid = redis.call('HGET', 'sa:s:' .. ARGV[2], 'u')
-local deadline = uid and deadline_of(ARGV[2])
-if not deadline or tonumber(ARGV[1]) >= deadline then return false end
-local user = redis.call('HMGET', 'sa:user:' .. uid, 'admin', 'disabled')
-if user[2] == '1' then return false end
-return {uid, user[1] or '0'}
+# Which of these sessions are live and their user an admin (without refreshing them)?
+# ARGV: now, ref... Returns the refs that are.
+ADMINS = r"""
+local now, out = tonumber(ARGV[1]), {}
+for i = 2, #ARGV do
+  local ref = ARGV[i]
+  local uid = redis.call('HGET', 'sa:s:' .. ref, 'u')
+  local deadline = uid and deadline_of(ref)
+  if deadline and now < deadline then
+    local user = redis.call('HMGET', 'sa:user:' .. uid, 'admin', 'disabled')
+    if user[1] == '1' and user[2] ~= '1' then out[#out + 1] = ref end
+  end
+end
+return out
 """
 
 # End one session with an event of type ARGV[3] (logout or revoked).
@@ -206,6 +252,15 @@ class SessionView:
     last_seen: int  # ms
     ip: str
     user_agent: str
+    moved: int = 0  # since sign-in: 1 used from another address, 2 another browser, 3 both
+
+    @property
+    def moved_address(self) -> bool:
+        return bool(self.moved & 1)
+
+    @property
+    def moved_browser(self) -> bool:
+        return bool(self.moved & 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +275,28 @@ class Current:
     sessions: tuple[SessionView, ...] = ()
 
 
+MOVES_PER_MINUTE = 10  # session_changed events a session records one by one each minute; the rest summarised
+_VERSIONS = re.compile(r"\d+(?:[._]\d+)*")
+
+
+def address_key(ip: str) -> str:
+    """What counts as the same address: IPv4 as it is, IPv6 by its /64 network."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+def browser_key(user_agent: str) -> str:
+    """What counts as the same browser: the user agent with its version numbers taken out."""
+    return _VERSIONS.sub("#", user_agent)
+
+
 def _text(value: bytes | str | None) -> str:
     if value is None:
         return ""
@@ -230,7 +307,8 @@ class SessionStore:
     """Create, load, end and expire sessions. Takes Redis, the session secret and a clock in."""
 
     def __init__(self, redis: aioredis.Redis, secrets: dict[int, bytes], clock: Callable[[], float], *,
-                 idle: int, lifetime: int, slack: int = 60, count: Callable[[str, int], None] | None = None):
+                 idle: int, lifetime: int, slack: int = 60, count: Callable[[str, int], None] | None = None,
+                 binding: str = "off", moves_per_minute: int = MOVES_PER_MINUTE):
         self.redis = redis
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
         self.secrets = secrets  # the key naming sessions, by the cookie secret version that signed the cookie
@@ -239,8 +317,10 @@ class SessionStore:
         self.idle_ms = idle * 1000  # seconds → ms
         self.lifetime_ms = lifetime * 1000
         self.slack_ms = slack * 1000
-        self.scripts = keys.Scripts(redis, login=LOGIN, touch=TOUCH, end=END, end_all=END_ALL,
-                                    expire_due=EXPIRE_DUE, check=CHECK, list=LIST)
+        self.binding = "" if binding == "off" else binding
+        self.moves_per_minute = moves_per_minute
+        self.scripts = keys.Scripts(redis, login=LOGIN, touch=throttle.LUA + TOUCH, end=END, end_all=END_ALL,
+                                    expire_due=EXPIRE_DUE, admins=ADMINS, list=LIST)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -272,36 +352,64 @@ class SessionStore:
         that device cookie). Returns (session id, ref), or
         None when the account was removed or disabled meanwhile.
         """
-        session_id = self.new_id()
-        ref = self.ref(session_id)
-        email = await self.scripts.login(args=[
-            self.now_ms(), ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent,
-            old_ref, new_hash, old_hash, email_key, method, device or ""])
+        session_id, ref, args = self.login_args(uid, email_key, ip=ip, user_agent=user_agent, old_ref=old_ref,
+                                                new_hash=new_hash, old_hash=old_hash, method=method, device=device)
+        email = await self.scripts.login(args=[self.now_ms(), *args])
         if not email:
             return None
         self.count("login", 1)
         return session_id, ref
 
-    async def load(self, ref: str, *, with_sessions: bool = False) -> Current | None:
-        """The session and its user, refreshed (sliding idle deadline); None when it has ended."""
+    def login_args(self, uid: str, email_key: str, *, ip: str, user_agent: str, old_ref: str = "",
+                   new_hash: str = "", old_hash: str = "", method: str = events.BY_PASSWORD,
+                   device: str | None = None) -> tuple[str, str, list[str | int]]:
+        """A new session id, its ref, and the 14 ARGV values of ``login_session`` (see LUA_LOGIN), for a
+        script that finishes a login of its own."""
+        session_id = self.new_id()
+        ref = self.ref(session_id)
+        return session_id, ref, [ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent, old_ref,
+                                 new_hash, old_hash, email_key, method, device or "", self.pair(ip, user_agent)]
+
+    def pair(self, ip: str, user_agent: str) -> int:
+        """Digests of a request's address and browser, as one number: address * 2^26 + browser.
+
+        26 bits of a hash each (a change goes unseen once in 67 million; the address itself is in
+        the login event anyway, so the digest needs no key). An IPv6 address counts by its /64
+        network, whose host part privacy extensions change every day; a browser by its user agent
+        without version numbers, so that an update is not a change of browser.
+        """
+        def digest(text: str) -> int:
+            return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest()) >> 6
+
+        return digest(address_key(ip)) * 2**26 + digest(browser_key(user_agent))
+
+    async def load(self, ref: str, *, ip: str = "", user_agent: str = "",
+                   with_sessions: bool = False) -> Current | None:
+        """The session and its user, refreshed (sliding idle deadline); None when it has ended.
+
+        ``ip`` and ``user_agent`` are the request's: a session used from another address or browser
+        than it last was records the move (or ends, under ``binding``) in the same round trip.
+        """
         out = await self.scripts.touch(args=[self.now_ms(), ref, self.idle_ms, self.slack_ms,
-                                             "1" if with_sessions else "0"])
+                                             "1" if with_sessions else "0", self.pair(ip, user_agent), ip,
+                                             user_agent, self.binding, self.moves_per_minute])
         if not out:
             return None
         values = [_text(v) for v in out]
         listed = tuple(
             SessionView(ref=values[i], created=int(values[i + 1]), last_seen=int(values[i + 2]),
-                        ip=values[i + 3], user_agent=values[i + 4])
-            for i in range(3, len(values), 5))
+                        ip=values[i + 3], user_agent=values[i + 4], moved=int(values[i + 5]))
+            for i in range(3, len(values), 6))
         this = next((s for s in listed if s.ref == ref), None)
         return Current(ref=ref, uid=values[0], email=values[1], admin=values[2] == "1",
                        created=this.created if this else 0,
                        sessions=tuple(sorted(listed, key=lambda s: -s.last_seen)))
 
-    async def still_admin(self, ref: str) -> bool:
-        """Whether the session is live and its user an admin, without counting as activity."""
-        out = await self.scripts.check(args=[self.now_ms(), ref])
-        return bool(out) and out[1] == b"1"
+    async def live_admins(self, refs: set[str]) -> set[str]:
+        """Those of ``refs`` whose session is live and whose user is an enabled admin (not counted as activity)."""
+        if not refs:
+            return set()
+        return {_text(r) for r in await self.scripts.admins(args=[self.now_ms(), *sorted(refs)])}
 
     async def end(self, ref: str, kind: str = events.LOGOUT, *, reason: str = "", actor: str = "",
                   ip: str = "", user_agent: str = "", owner: str = "") -> str | None:

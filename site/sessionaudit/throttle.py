@@ -46,13 +46,12 @@ from . import events, keys
 from .config import Settings
 
 DEVICE_KEY_LABEL = "sessionaudit device cookie"
-DOOR_BUDGET = 600  # events a minute a cheap door (registration, reset requests) records one by one
 SUMMARY_KEEP_MS = 7 * 86_400_000  # a pending summary outlives its window by this much (no server running)
 
 # Throttle state of one key (an account, an address, a device): a hash with n (failures in the
 # window) and t (the last failure, ms). While throttled, refused attempts not yet recorded live in
 # '<key>:p' (c count, f first ms, l last ms, w when the window ends, and the summary's event: y type,
-# u uid, e email, i ip, g user agent, r reason), their user agents in the HyperLogLog '<key>:h', and
+# u uid, e email, i ip, g user agent, r reason, s session), their user agents in the HyperLogLog '<key>:h', and
 # the key in sa:f:due (scored by w) so that the sweeper records the last window of a flood.
 LUA = r"""
 local function throttle_wait(key, threshold, base, cap, now)
@@ -74,10 +73,10 @@ end
 -- Record the summary pending for `key` (if any attempt is counted in it) and close its window.
 local function summary_flush(key, now)
   local p = key .. ':p'
-  local s = redis.call('HMGET', p, 'c', 'f', 'l', 'y', 'u', 'e', 'i', 'g', 'r')
+  local s = redis.call('HMGET', p, 'c', 'f', 'l', 'y', 'u', 'e', 'i', 'g', 'r', 's')
   local c = tonumber(s[1])
   if c and c > 0 then
-    emit(now, {t = s[4], a = s[3], u = s[5], e = s[6], i = s[7], g = s[8], r = s[9],
+    emit(now, {t = s[4], a = s[3], u = s[5], e = s[6], i = s[7], g = s[8], r = s[9], s = s[10],
                n = c, f = s[2], k = redis.call('PFCOUNT', key .. ':h')})
   end
   redis.call('DEL', p, key .. ':h')
@@ -109,7 +108,7 @@ local function summarise(key, now, window, ev)
   redis.call('PEXPIRE', key .. ':h', w - now + 604800000)
   if c == 0 then redis.call('HSET', p, 'f', string.format('%.0f', now)) end
   redis.call('HSET', p, 'c', c + 1, 'l', string.format('%.0f', now), 'y', ev.t, 'u', ev.u or '',
-             'e', ev.e or '', 'i', ev.i or '', 'g', ua, 'r', ev.r or '')
+             'e', ev.e or '', 'i', ev.i or '', 'g', ua, 'r', ev.r or '', 's', ev.s or '')
   return false
 end
 
@@ -230,7 +229,9 @@ class Throttle:
         self.settings = settings
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
         self.clock = clock
-        self.device_secret = settings.derived_key(DEVICE_KEY_LABEL) if settings.cookie_secret else b""
+        # By cookie secret version, newest first: a rotation of COOKIE_SECRET keeps known devices known.
+        self.device_secrets = [settings.derived_key(DEVICE_KEY_LABEL, v) for v in sorted(settings.cookie_secret,
+                                                                                         reverse=True)]
         self.scripts = keys.Scripts(redis, check=LUA + CHECK, refuse=LUA + REFUSE, fail=LUA + FAIL,
                                     register_failed=LUA + REGISTER_FAILED, register_wait=LUA + REGISTER_WAIT,
                                     flush_due=LUA + FLUSH_DUE)
@@ -293,7 +294,7 @@ class Throttle:
         s = self.settings
         wait = await self.scripts.register_failed(args=[
             self._now(), email[:254], ip, user_agent, reason, s.login_address_threshold, *self._backoff(),
-            s.login_window * 1000, DOOR_BUDGET])
+            s.login_window * 1000, s.door_budget])
         self.count(events.REGISTER_FAILED, 1)
         return math.ceil(int(wait) / 1000)
 
@@ -306,18 +307,24 @@ class Throttle:
     # -- device cookies -------------------------------------------------------------------
 
     def device_cookie(self, email: str) -> str:
-        """A new device cookie value naming ``email``'s account: ``<account tag>.<device id>``."""
-        return f"{self._tag(email)}.{secrets.token_urlsafe(16)}"
+        """A new device cookie value naming ``email``'s account: ``<account tag>.<device id>``.
+
+        The tag is a keyed hash of the email, so the cookie does not show whose account it names.
+        """
+        return f"{self._tag(email, self.device_secrets[0])}.{secrets.token_urlsafe(16)}"
 
     def device_for(self, cookie: str | None, email: str) -> str | None:
         """The device id in a (verified) device cookie value when it names ``email``'s account, else None."""
         if not cookie or not email:
             return None
         tag, _, device = cookie.partition(".")
-        if len(device) != 22 or not hmac.compare_digest(tag, self._tag(email)):
+        if len(device) != 22:
+            return None
+        if not any(hmac.compare_digest(tag, self._tag(email, secret)) for secret in self.device_secrets):
             return None
         return device
 
-    def _tag(self, email: str) -> str:
-        digest = hmac.new(self.device_secret, email.encode(), hashlib.sha256).digest()[:12]
+    @staticmethod
+    def _tag(email: str, secret: bytes) -> str:
+        digest = hmac.new(secret, email.encode(), hashlib.sha256).digest()[:12]
         return base64.urlsafe_b64encode(digest).decode()

@@ -17,6 +17,10 @@ What they do
   registering and logging in with the keyboard alone, every focused element showing an outline.
 - ``test_follow.py``: an admin following ``/admin/audit`` live sees another browser's sign-in,
   sign-out and (``SESSION_IDLE=3``) expiry appear at the top within 2 s, measured in the page itself.
+- ``test_security.py``: an authenticator app set up and used to sign in (codes from pyotp), and
+  passkeys added, used and removed through a CDP virtual authenticator (ctap2, internal, resident
+  keys, user verification), the site reached as ``http://localhost:<port>`` (its --public-url: browsers
+  refuse an IP address as WebAuthn relying party); axe-core on every page of both.
 - ``test_pages.py``: every page at desktop (1280x800) and phone (390x844) widths: a full-page screenshot
   to ``test-artifacts/screenshots/<page>-<width>.png`` at the repository root (git-ignored; CI keeps
   them), no page wider than the window, and axe-core with no "serious" or "critical" violation.
@@ -101,11 +105,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 class Site(process.Site):
     """``python server.py`` on a free port against a given Redis (see tests/process.py)."""
 
-    def __init__(self, redis_url: str, data_dir: Path, **env: str):
+    def __init__(self, redis_url: str, data_dir: Path, host: str = "127.0.0.1", **env: str):
         self.redis_url = redis_url
         self.data_dir = data_dir
         self.env = process.env(**env)
-        super().__init__(data_dir, f"--redis-url={redis_url}", **env)
+        super().__init__(data_dir, f"--redis-url={redis_url}", host=host, **env)
 
     def create_user(self, email: str, *, admin: bool = False, password: str = PASSWORD) -> int:
         """``server.py create-user`` on the same Redis and data dir; returns the new user's id."""
@@ -138,8 +142,8 @@ def start_site(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Site]]:
     """Start the site (environment overrides as keyword arguments); all are stopped after the test."""
     sites: list[Site] = []
 
-    def start(**env: str) -> Site:
-        site = Site(redis_url, tmp_path, **env)
+    def start(host: str = "127.0.0.1", **env: str) -> Site:
+        site = Site(redis_url, tmp_path, host, **env)
         sites.append(site)
         return site
 

@@ -25,6 +25,7 @@ PAGES = {
     "register": ("/register", "anonymous"),
     "account": ("/account", "admin"),
     "password": ("/account/password", "admin"),
+    "security": ("/account/security", "admin"),
     "admin-dashboard": ("/admin", "admin"),
     "admin-audit": ("/admin/audit", "admin"),
     "admin-sessions": ("/admin/sessions", "admin"),

@@ -10,12 +10,13 @@ import orjson
 import tornado.iostream
 import tornado.web
 
-from .. import events, seal, views
+from .. import events, inputs, seal, views
 from ..audit import BadQuery, Query
 from ..live import Follower, replay
 from .base import BaseHandler, admin, form, security_log
 
 EXPORT_CHUNK = 5000
+SESSION_TIMELINE_CAP = 60  # about the events emit() keeps in a session's timeline index (1 KB of ids)
 
 
 class AdminHandler(BaseHandler):
@@ -104,18 +105,20 @@ class AuditExportHandler(AdminHandler):
 
 
 CSV_NEEDS_QUOTES = re.compile(r'[,;\t\r\n"]')
+CSV_FORMULA_AFTER_SEPARATOR = re.compile(r"([,;\t\r\n])(?=[=+\-@\t\r])")
 
 
 def csv_cell(value: object) -> str:
-    """One CSV cell (RFC 4180), safe in any spreadsheet locale.
+    """One CSV cell (RFC 4180), safe in any spreadsheet locale (OWASP "CSV injection").
 
-    A cell holding a separator (``,``, or ``;`` and tab, which spreadsheets in other locales split
-    on), a line break or a quote is quoted; a formula at its start (= + - @, tab, carriage return)
-    is neutralised with a leading apostrophe (OWASP "CSV injection").
+    A formula at the start of the cell (= + - @, tab, carriage return) is neutralised with an
+    apostrophe, and so is one right after a separator inside it: a spreadsheet in a locale that
+    splits on ``;`` (or tab) ignores our quotes and starts a cell there. A cell holding a
+    separator, a line break or a quote is then quoted.
     """
     if value is None:
         return ""
-    text = str(value)
+    text = CSV_FORMULA_AFTER_SEPARATOR.sub(r"\1'", str(value))
     if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
         text = "'" + text
     if CSV_NEEDS_QUOTES.search(text):
@@ -124,60 +127,69 @@ def csv_cell(value: object) -> str:
 
 
 class AuditLiveHandler(AdminHandler):
-    """Server-Sent Events: each new matching event as `id:` and `data:` lines; resumes by Last-Event-ID."""
+    """Server-Sent Events: each new matching event as `id:` and `data:` lines; resumes by Last-Event-ID.
+
+    Whatever is written waits until the client has taken what came before (each flush is awaited,
+    with a time limit), so a follower that does not read costs at most a chunk of buffer, however
+    far back it resumes. The hub ends the stream when the follower's session may no longer follow.
+    """
 
     follower: Follower | None = None
 
     @admin
     async def get(self) -> None:
+        assert self.current
         q = self.query()
         hub = self.ctx.live
         if hub.full():
             self.set_header("Retry-After", "10")
             raise tornado.web.HTTPError(503, "Too many followers")
         resume = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_id", "")
-        if resume and not events.valid_id(resume):
+        if resume and not inputs.is_event_id(resume):
             raise tornado.web.HTTPError(400, "Last-Event-ID must be an event id.")
         self.set_header("Content-Type", "text/event-stream; charset=UTF-8")
         self.set_header("X-Accel-Buffering", "no")  # nginx: pass each message on at once
-        self.follower = follower = await hub.attach(q)
+        self.follower = follower = await hub.attach(q, self.current.ref)
         try:
             snapshot = hub.last_id  # events after it reach the queue; up to it, the replay sends them
             last = resume or None
             self.write("retry: 2000\n: following the audit trail\n\n")
+            await self._send()
             if resume:
-                async for event in replay(self.ctx.redis, resume, q, snapshot):
-                    self.write(_sse(event))
-                    last = event.id
-            await self.flush()
+                async for chunk in replay(self.ctx.redis, resume, q, snapshot):
+                    if follower.stopped:
+                        break
+                    self.write("".join([_sse(event) for event in chunk]))
+                    last = chunk[-1].id
+                    await self._send()
             heartbeat = self.ctx.settings.live_heartbeat
-            ended = False
+            ended = follower.stopped and follower.queue.empty()
             while not ended:
                 try:
                     batch = [await asyncio.wait_for(follower.queue.get(), heartbeat)]
-                except TimeoutError:
-                    # The stream does not count as activity; a session that has ended (idle, lifetime,
-                    # logout, revoked, admin rights removed) stops receiving within one heartbeat.
-                    if not self.current or not await self.ctx.sessions.still_admin(self.current.ref):
-                        break
+                except TimeoutError:  # following does not count as activity: no session refresh
                     self.write(": heartbeat\n\n")
-                    await self.flush()
+                    await self._send()
                     continue
                 while not follower.queue.empty():  # everything queued goes out in one flush
                     batch.append(follower.queue.get_nowait())
                 for event in batch:
-                    if event is None:  # shutdown, a closed tab, or too slow (the browser resumes by id)
+                    if event is None:  # shutdown, a closed tab, too slow, or no longer allowed
                         ended = True
                         break
                     if last is None or _id_key(event.id) > _id_key(last):
                         self.write(_sse(event))
                         last = event.id
-                await self.flush()
+                await self._send()
             self.finish()
-        except tornado.iostream.StreamClosedError:
-            pass
+        except (tornado.iostream.StreamClosedError, TimeoutError):
+            self.request.connection.close()  # gone, or not reading: nothing more is kept for it
         finally:
             hub.detach(follower)
+
+    async def _send(self) -> None:
+        """Flush, and wait until the client has taken it (at most ``live_write_timeout`` seconds)."""
+        await asyncio.wait_for(self.flush(), self.ctx.settings.live_write_timeout)
 
     def on_connection_close(self) -> None:
         if self.follower:
@@ -201,7 +213,15 @@ class SessionTimelineHandler(AdminHandler):
             raise tornado.web.HTTPError(404)
         login = next((e for e in timeline if e.type == events.LOGIN), None)
         end = next((e for e in timeline if e.type in events.END_TYPES), None)
-        self.render("admin_session.html", ref=ref, timeline=timeline, login=login, end=end)
+        # Each move, with where the session was used from before it: its login or the move before.
+        moves, before = [], login
+        for e in timeline:
+            if e.type == events.SESSION_CHANGED:
+                moves.append((e, before or e))
+                before = e
+        truncated = end is None and len(timeline) >= SESSION_TIMELINE_CAP
+        self.render("admin_session.html", ref=ref, timeline=timeline, login=login, end=end, moves=moves,
+                    truncated=truncated)
 
 
 class UserTimelineHandler(AdminHandler):
@@ -219,7 +239,9 @@ class UserTimelineHandler(AdminHandler):
         if q.before or q.after or page.older:
             recent = (await self.ctx.audit.page(Query(user=user.email, limit=200))).events
         spans = views.session_spans(recent, self.now_ms())
-        self.render("admin_user.html", user=user, q=q, page=page, live=live, types=events.TYPES, spans=spans)
+        factors = await self.ctx.factors.view(uid)
+        self.render("admin_user.html", user=user, q=q, page=page, live=live, types=events.TYPES, spans=spans,
+                    factors=factors)
 
 
 class SessionsHandler(AdminHandler):
@@ -228,10 +250,10 @@ class SessionsHandler(AdminHandler):
     @admin
     async def get(self) -> None:
         email = self.get_query_argument("user", "").strip().lower()
-        offset_text = self.get_query_argument("offset", "0")
-        if not offset_text.isdigit():
-            raise tornado.web.HTTPError(400, "offset must be a whole number.")
-        offset = int(offset_text)
+        try:
+            offset = inputs.whole_number(self.get_query_argument("offset", "0"))
+        except ValueError:
+            raise tornado.web.HTTPError(400, "offset must be a whole number.") from None
         uid = None
         if email:
             uid = await self.ctx.audit.uid_for(email) or "-"
@@ -270,6 +292,22 @@ class AdminRevokeAllHandler(AdminHandler):
             raise tornado.web.HTTPError(404)
         security_log.warning("admin %s ended %d session(s) of user %s", self.current.email, ended, uid)
         self.redirect(_back(self.get_argument("next", ""), f"/admin/users/{uid}"), status=303)
+
+
+class MfaResetHandler(AdminHandler):
+    """Remove every second factor of a user (TOTP, recovery codes, passkeys): the way back in for
+    someone who lost them all. Recorded as `mfa_disabled`, reason admin, with the admin as actor."""
+
+    @form
+    @admin
+    async def post(self, uid: str) -> None:
+        assert self.current
+        result = await self.ctx.factors.reset(uid, actor=self.current.email, ip=self.client_ip,
+                                              user_agent=self.user_agent)
+        if result is None:
+            raise tornado.web.HTTPError(404)
+        security_log.warning("admin %s: reset the second factors of user %s (%s)", self.current.email, uid, result)
+        self.redirect(f"/admin/users/{uid}", status=303)
 
 
 class UserFlagHandler(AdminHandler):

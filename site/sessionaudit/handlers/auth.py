@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .. import events
+from ..factors import PENDING_SECONDS
 from ..passwords import MAX_PASSWORD_BYTES
 from ..users import InvalidEmail, normalize_email
 from .base import BaseHandler, form, safe_next
+from .security import finish_login, set_login_step_cookie
 
 BAD_LOGIN = "That email and password do not match an account."
 
@@ -92,23 +94,25 @@ class LoginHandler(BaseHandler):
             return self.render("login.html", email=raw_email, next=next_url,
                                error=f"Too many failed attempts. Try again in {attempt.retry_after} seconds.")
         ok, new_hash = await ctx.passwords.verify(attempt.password_hash, password)
-        created = None
+        step = None
         if ok and not attempt.disabled and attempt.uid:
-            created = await ctx.sessions.create(
+            # One script: a session, or (two-step sign-in on) a pending second step instead.
+            step = await ctx.factors.password_login(
                 attempt.uid, email, ip=self.client_ip, user_agent=self.user_agent,
                 old_ref=self.current.ref if self.current else "", new_hash=new_hash or "",
-                old_hash=attempt.password_hash or "", device=device)
-        if created is None:
+                old_hash=attempt.password_hash or "", device=device, next_url=next_url)
+        if step is None:
             await ctx.throttle.fail(email, self.client_ip, self.user_agent, events.BAD_CREDENTIALS, attempt.uid,
                                     device)
             ctx.metrics.login("failed")
             self.set_status(401)
             return self.render("login.html", error=BAD_LOGIN, email=raw_email, next=next_url)
-        ctx.metrics.login("ok")
-        self.set_session_cookie(created[0])
-        self.set_device_cookie(email)
-        self.renew_xsrf()
-        self.redirect(next_url or "/account", status=303)
+        if step.pending:
+            set_login_step_cookie(self, step.pending, self.now_ms() + PENDING_SECONDS * 1000)
+            self.redirect("/login/verify", status=303)
+            return
+        assert step.session
+        finish_login(self, step.session[0], email, next_url)
 
 
 class LogoutHandler(BaseHandler):

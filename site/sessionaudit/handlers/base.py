@@ -6,6 +6,7 @@ import functools
 import logging
 import re
 import secrets
+import unicodedata
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ import tornado.httputil
 import tornado.web
 from markupsafe import Markup
 
+from .. import inputs
 from ..passwords import HasherBusy
 from ..sessions import Current
 
@@ -42,24 +44,25 @@ ERROR_TEXT = {
 H = TypeVar("H", bound="BaseHandler")
 
 
+# No form of the site has more than a handful of fields; a body with more is not one of ours.
+FORM_FIELDS_MAX = 50
+_BODY_CONFIG = tornado.httputil.ParseBodyConfig()
+_BODY_CONFIG.urlencoded.max_arguments = FORM_FIELDS_MAX
+_BODY_CONFIG.multipart.max_parts = FORM_FIELDS_MAX
+
+
 def form(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """Decorate every POST method: parse the (streamed, size-limited) form body, then check XSRF.
 
     Bodies are streamed so that an oversized one gets a real 413 page before it is read;
-    Tornado's own check runs before the body arrives, so it is done here instead.
+    Tornado's own check runs before the body arrives, so it is done here instead. A body that
+    cannot be parsed (an encoding we do not take, a multipart body without a boundary, more fields
+    than a form has) is a 400, before anything else is looked at.
     """
     @functools.wraps(method)
     async def wrapper(self: BaseHandler, *args: Any, **kwargs: Any) -> None:
-        if self._body_size > FORM_LIMIT:
-            raise tornado.web.HTTPError(413)
-        body = b"".join(self._chunks)
-        self.request.body = body
-        tornado.httputil.parse_body_arguments(
-            self.request.headers.get("Content-Type", ""), body, self.request.body_arguments,
-            self.request.files, self.request.headers)
-        for name, values in self.request.body_arguments.items():
-            self.request.arguments.setdefault(name, []).extend(values)
-        self._body_ready = True
+        self.raise_deferred()
+        self.parse_form()
         self.check_xsrf_cookie()
         await method(self, *args, **kwargs)
     wrapper.parses_form = True  # type: ignore[attr-defined]
@@ -78,6 +81,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self._chunks: list[bytes] = []
         self._body_size = 0
         self._body_ready = False
+        self._deferred: Exception | None = None  # an error of prepare() kept until the body is read
         self.session_id: str | None = None
         self.current: Current | None = None
         self._xsrf_html: Markup | None = None
@@ -111,17 +115,73 @@ class BaseHandler(tornado.web.RequestHandler):
                 raise
 
     async def prepare(self) -> None:
-        """Reject oversized bodies at once, then resolve the session (missing or bad: anonymous)."""
+        """Reject oversized bodies at once, then resolve the session (missing or bad: anonymous).
+
+        An error answered before a request's body is read makes the server close the connection
+        with that body unread, and the kernel then resets it: the browser shows "connection
+        reset" instead of our page. So for a request that carries a body (within the form limit),
+        an error here (Redis down: 503, an unknown page: 404) is kept until the body has arrived,
+        and raised then (``raise_deferred``, called by ``@form`` and by the methods a handler lacks).
+        """
         length = self.request.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > FORM_LIMIT):
-            raise tornado.web.HTTPError(413 if length.isdigit() else 400)
+        if length is not None:
+            try:
+                too_long = inputs.whole_number(length) > FORM_LIMIT
+            except ValueError:
+                raise tornado.web.HTTPError(400, "Content-Length is not a number.") from None
+            if too_long:
+                raise tornado.web.HTTPError(413)
+        try:
+            await self.load_session()
+        except Exception as e:
+            if not self._carries_body():
+                raise
+            self._deferred = e
+
+    async def load_session(self) -> None:
+        """Resolve this request's session (one round trip); a missing, forged or ended one is anonymous."""
         self.session_id, version = self._session_id_from_cookie()
         if self.session_id:
             self.current = await self.ctx.sessions.load(self.ctx.sessions.ref(self.session_id, version),
+                                                        ip=self.client_ip, user_agent=self.user_agent,
                                                         with_sessions=self.with_sessions)
             if self.current is None:
                 self.clear_session_cookie()
         self.current_user = self.current
+
+    def _carries_body(self) -> bool:
+        headers = self.request.headers
+        return headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in headers
+
+    def raise_deferred(self) -> None:
+        """Raise the error that ``prepare`` kept until the body was read, if any."""
+        if self._deferred is not None:
+            error, self._deferred = self._deferred, None
+            raise error
+
+    def parse_form(self) -> None:
+        """Parse the streamed body as a form into the request's arguments; any malformed body is a 400."""
+        if self._body_size > FORM_LIMIT:
+            raise tornado.web.HTTPError(413)
+        body = b"".join(self._chunks)
+        self.request.body = body
+        try:
+            tornado.httputil.parse_body_arguments(
+                self.request.headers.get("Content-Type", ""), body, self.request.body_arguments,
+                self.request.files, self.request.headers, config=_BODY_CONFIG)
+        except tornado.httputil.HTTPInputError:
+            raise tornado.web.HTTPError(400, "The form could not be read.") from None
+        for name, values in self.request.body_arguments.items():
+            self.request.arguments.setdefault(name, []).extend(values)
+        self._body_ready = True
+
+    # The methods a handler does not have answer 405, as Tornado's do, but only once the body has
+    # been read, and after an error kept from ``prepare``.
+    async def post(self, *args: Any, **kwargs: Any) -> None:
+        self.raise_deferred()
+        raise tornado.web.HTTPError(405)
+
+    put = patch = delete = options = post
 
     def data_received(self, chunk: bytes) -> None:
         self._body_size += len(chunk)
@@ -266,13 +326,19 @@ class BaseHandler(tornado.web.RequestHandler):
 
 
 def safe_next(target: str, default: str = "/account") -> str:
-    """``target`` when it is a path on this site, else ``default`` (no open redirect)."""
+    """``target`` when it is a path on this site, else ``default`` (no open redirect).
+
+    Any control character (C0, DEL, C1) makes it the default; other characters outside ASCII are
+    percent-encoded, so the Location header carries nothing but ASCII.
+    """
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return default
-    parts = urllib.parse.urlsplit(target)
-    if parts.scheme or parts.netloc or any(ord(c) < 32 for c in target):
+    if any(unicodedata.category(c) == "Cc" for c in target):
         return default
-    return target
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return default
+    return urllib.parse.quote(target, safe="/?&=%#:@!$'()*+,;~-._[]")
 
 
 def authenticated(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:

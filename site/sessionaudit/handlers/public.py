@@ -30,6 +30,13 @@ class HealthHandler(BaseHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    async def prepare(self) -> None:
-        await super().prepare()  # the page's header shows who is logged in, as on every page
+    """Any address no route matches: 404 whatever the method (once a body, if any, is read).
+
+    The session is loaded as on every page: the page's header shows who is logged in.
+    """
+
+    async def get(self, *args: str, **kwargs: str) -> None:
+        self.raise_deferred()
         raise tornado.web.HTTPError(404)
+
+    head = post = put = patch = delete = options = get

@@ -1,0 +1,50 @@
+"""Parsers for the values a request may carry: whole numbers, event ids, times. Stdlib only.
+
+Every handler reads these through here, so a value that is not exactly what is asked for (a
+Unicode digit such as ``²`` or ``٣``, which ``str.isdigit`` accepts and ``int`` sometimes does
+too; a date before 1970 or after 9999) is one ``ValueError``, which the handlers answer with 400.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+_DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
+_EVENT_ID = re.compile(r"([0-9]{1,15})(?:-([0-9]{1,19}))?", re.ASCII)
+_ISO = re.compile(r"[0-9:.+\-TtZz ]{4,40}", re.ASCII)
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+
+def whole_number(text: str) -> int:
+    """``text`` as a non-negative whole number written in ASCII digits; ValueError otherwise."""
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(f"not a whole number: {text[:40]!r}")
+    return int(text)
+
+
+def is_event_id(text: str) -> bool:
+    """Whether ``text`` is a stream id (``<ms>`` or ``<ms>-<seq>``) in ASCII digits."""
+    return _EVENT_ID.fullmatch(text) is not None
+
+
+def parse_time(text: str) -> int:
+    """ISO 8601 (a date, or a date and time, with or without zone; no zone means UTC) → UTC ms.
+
+    Only times from 1970 to 9999 are accepted; anything else raises ValueError.
+    """
+    text = text.strip()
+    if not _ISO.fullmatch(text):
+        raise ValueError("not an ISO 8601 time")
+    if text.endswith(("z", "Z")):
+        text = text[:-1] + "+00:00"
+    moment = dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    try:
+        ms = round(moment.timestamp() * 1000)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError("time out of range") from None
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise ValueError("times must lie between 1970 and 9999")
+    return ms

@@ -1,0 +1,144 @@
+"""Floods must not fill Redis: refused attempts are counted, dictionaries go with retention."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import PASSWORD, Browser, make_admin, read_events, serving
+from sessionaudit import keys
+from sessionaudit.app import make_app
+from sessionaudit.audit import AuditLog
+
+pytestmark = pytest.mark.gen_test(timeout=120)
+
+
+async def used_memory(rdb) -> int:
+    return (await rdb.info("memory"))["used_memory"]
+
+
+async def test_a_throttled_flood_with_new_user_agents_costs_bounded_memory(http_client, base_url, rdb, app, clock,
+                                                                          settings, new_browser) -> None:
+    """The attack measured on 2026-11-30: 861 bytes per refused attempt. Now: a summary per window."""
+    owner = new_browser()
+    await owner.register("target@example.com")
+    await owner.logout()
+    attacker = Browser(http_client, base_url)
+    for _ in range(settings.login_account_threshold):
+        assert (await attacker.login("target@example.com", "guess guess guess")).code == 401
+    await attacker.get("/login")
+    events_before = await rdb.xlen(keys.AUDIT)
+    before = await used_memory(rdb)
+    for i in range(1000):
+        attacker.user_agent = f"Mozilla/5.0 flood-{i} " + "x" * 2048
+        r = await attacker.post("/login", {"email": "target@example.com", "password": "guess guess guess"})
+        assert r.code == 429
+    grown = await used_memory(rdb) - before
+    assert grown <= 150_000, f"{grown} bytes for 1,000 refused attempts"
+    assert await rdb.xlen(keys.AUDIT) - events_before == 1  # the first refused attempt, as it came
+
+    # Once the window is over the sweeper records the rest as one summary.
+    clock.advance(settings.login_backoff_max)
+    assert await app.ctx.throttle.flush_due() == 1
+    throttled = [e for e in await read_events(rdb) if e.type == "login_failed" and e.reason == "throttled"]
+    assert [e.count for e in throttled] == [1, 999]
+    summary = throttled[1]
+    assert summary.user == "target@example.com" and summary.ip == "127.0.0.1"
+    assert summary.user_agent.startswith("Mozilla/5.0 flood-999 ") and len(summary.user_agent) == 512
+    assert summary.first is not None and summary.first <= summary.at
+    assert 970 <= summary.agents <= 1030  # distinct user agents (a HyperLogLog: about 1 % off)
+    assert summary.to_json()["count"] == 999 and summary.to_json()["distinct_user_agents"] == summary.agents
+    # The throttle state is gone with the window; only the two events remain of the flood.
+    assert await rdb.zcard(keys.THROTTLE_DUE) == 0
+
+    # Every attempt still counts on the dashboard.
+    admin = new_browser()
+    await admin.register("admin@example.com")
+    await make_admin(rdb, "admin@example.com")
+    page = (await admin.get("/admin")).body.decode()
+    failures = settings.login_account_threshold + 1000
+    assert f'id="stat-failures">{failures}<' in page
+
+    # The export carries the count.
+    exported = (await admin.get("/admin/audit.ndjson?type=login_failed")).body.decode().splitlines()
+    assert '"count":999' in exported[0] and '"count"' not in exported[1]
+    csv_rows = (await admin.get("/admin/audit.csv?type=login_failed")).body.decode().splitlines()
+    assert csv_rows[0].endswith(",count") and csv_rows[1].endswith(",999") and csv_rows[2].endswith(",1")
+
+
+async def test_a_continuing_flood_gets_one_summary_per_window(http_client, base_url, rdb, app, clock,
+                                                             settings, new_browser) -> None:
+    owner = new_browser()
+    await owner.register("busy@example.com")
+    await owner.logout()
+    attacker = Browser(http_client, base_url)
+    for _ in range(settings.login_account_threshold):
+        await attacker.login("busy@example.com", "guess guess guess")
+    for _ in range(3):  # three stretches, each refused ten times
+        for _ in range(10):
+            assert (await attacker.login("busy@example.com", "guess guess guess")).code == 429
+        clock.advance(settings.login_backoff_max)
+        assert (await attacker.login("busy@example.com", "guess guess guess")).code == 401  # the wait is over
+    await app.ctx.throttle.flush_due()
+    throttled = [e.count for e in await read_events(rdb) if e.type == "login_failed" and e.reason == "throttled"]
+    assert throttled == [1, 9] * 3
+
+
+async def test_a_flood_from_ever_new_addresses_is_bounded_per_minute(http_client, rdb, clock, settings) -> None:
+    """Registration probes from a new address each time never reach the per-address threshold: the
+    door's budget of events a minute bounds what they write."""
+    settings = dataclasses.replace(settings, xheaders=True, door_budget=20)
+    app = make_app(settings, rdb, clock)
+    async with serving(app, xheaders=True) as base:
+        owner = Browser(http_client, base)
+        await owner.register("taken@example.com")
+        prober = Browser(http_client, base)
+        await prober.get("/login")
+        before = await rdb.xlen(keys.AUDIT)
+        probe = {"email": "taken@example.com", "password": PASSWORD, "password_confirm": PASSWORD}
+        for i in range(300):
+            r = await prober.post("/register", probe, headers={"X-Forwarded-For": f"10.{i // 250}.{i % 250}.1"})
+            assert r.code == 400  # answered as always: the account exists
+        assert await rdb.xlen(keys.AUDIT) - before == 21  # the budget, then one as it came, the rest counted
+        clock.advance(61)
+        await app.ctx.throttle.flush_due()
+        failed = [e for e in await read_events(rdb) if e.type == "register_failed"]
+        assert sum(e.count for e in failed) == 300 and failed[-1].count == 279
+
+
+async def test_retention_drops_user_agent_dictionaries_with_their_days(browser: Browser, new_browser, rdb, app,
+                                                                      clock) -> None:
+    audit = AuditLog(rdb)
+    for day in range(3):
+        b = new_browser(user_agent=f"Agent of day {day}")
+        await b.register(f"day{day}@example.com")
+        await app.ctx.seals.seal_once()  # retention removes whole sealed batches (test_seal.py)
+        clock.advance(86_400)
+    days = sorted(int(k.decode().rsplit(":", 1)[1]) for k in await rdb.keys(keys.AGENTS + "*"))
+    assert len(days) == 3
+    # Keep the last day: the two older days' events go, and their dictionaries with them.
+    cutoff = days[2] * 86_400_000
+    while await audit.trim_step(cutoff):
+        pass
+    left = sorted(int(k.decode().rsplit(":", 1)[1]) for k in await rdb.keys(keys.AGENTS + "*"))
+    assert left == [days[2]]
+    events = await read_events(rdb)
+    assert {e.user_agent for e in events} == {"Agent of day 2"}
+
+
+async def test_the_dictionary_of_earlier_versions_goes_once_no_kept_event_names_it(rdb, app, clock,
+                                                                                  new_browser) -> None:
+    await rdb.hset(keys.LEGACY_AGENTS, "0123456789ab", "An old browser")
+    await rdb.xadd(keys.AUDIT, {"v": "1", "t": "login_failed", "a": "", "u": "", "e": "old@example.com", "s": "",
+                                "i": "10.0.0.9", "g": "0123456789ab", "r": "bad_credentials", "c": ""},
+                   id=f"{int(clock() * 1000) - 5000}-0")
+    await rdb.set(keys.LEGACY_AGENTS_UNTIL, int(clock() * 1000))  # what the first start after the upgrade writes
+    await app.ctx.seals.seal_once()
+    await new_browser().register("new@example.com")
+    await app.ctx.seals.seal_once()
+    [old, *_] = await read_events(rdb)
+    assert old.user_agent == "An old browser"  # still read from the old dictionary
+    await AuditLog(rdb).trim_step(int(clock() * 1000))  # removes the old event only
+    assert not await rdb.exists(keys.LEGACY_AGENTS) and not await rdb.exists(keys.LEGACY_AGENTS_UNTIL)
+    assert [e.type for e in await read_events(rdb)] == ["register", "login"]

@@ -1,0 +1,220 @@
+"""What the security review of 2026-11-30 reproduced, each attack replayed against a real server.
+
+The live-follow findings (a removed admin keeps the feed; resuming from the start buffers the
+trail) are in test_live.py, the Redis-outage connection resets in test_resilience.py, and the
+flood bounds in test_flood.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import random
+import string
+
+import pytest
+from prometheus_client import generate_latest
+
+from conftest import PASSWORD, Browser, make_admin, read_events, serving
+from sessionaudit.app import make_app
+
+pytestmark = pytest.mark.gen_test(timeout=60)
+
+
+async def admin_browser(new_browser, rdb, email: str = "root@example.com") -> Browser:
+    b = new_browser()
+    await b.register(email)
+    await make_admin(rdb, email)
+    return b
+
+
+# -- 2. any method name became a metric label ---------------------------------------------------
+
+async def test_made_up_methods_get_405_and_one_metric_label(http_client, base_url, app) -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        method = "".join(rng.choices(string.ascii_uppercase, k=12))
+        r = await http_client.fetch(base_url + "/", method=method, allow_nonstandard_methods=True,
+                                    raise_error=False)
+        assert r.code == 405
+    exposition = generate_latest(app.ctx.metrics.registry).decode()
+    methods = {line.split('method="', 1)[1].split('"', 1)[0] for line in exposition.splitlines()
+               if line.startswith("sessionaudit_http_requests_total{")}
+    assert methods == {"other"}
+
+
+# -- 3. /register enumerated accounts, unthrottled and unrecorded ------------------------------------
+
+async def test_register_probes_are_recorded_and_throttled_per_address(http_client, rdb, clock, settings) -> None:
+    app = make_app(dataclasses.replace(settings, xheaders=True), rdb, clock)
+    async with serving(app, xheaders=True) as base:
+        owner = Browser(http_client, base)
+        assert (await owner.register("taken@example.com")).code == 303
+        prober = Browser(http_client, base)
+        probe = {"email": "taken@example.com", "password": PASSWORD, "password_confirm": PASSWORD}
+        codes = [(await prober.post("/register", probe, headers={"X-Forwarded-For": "203.0.113.9"})).code
+                 for _ in range(settings.login_address_threshold + 10)]
+        assert codes[:settings.login_address_threshold] == [400] * settings.login_address_threshold
+        assert set(codes[settings.login_address_threshold:]) == {429}
+        r = await prober.post("/register", probe, headers={"X-Forwarded-For": "203.0.113.9"})
+        assert r.code == 429 and int(r.headers["Retry-After"]) >= 1
+        # Even a free email is refused from that address while it waits; another address is not.
+        fresh = {"email": "new@example.com", "password": PASSWORD, "password_confirm": PASSWORD}
+        assert (await Browser(http_client, base).post("/register", fresh,
+                                                      headers={"X-Forwarded-For": "203.0.113.9"})).code == 429
+        assert (await Browser(http_client, base).post("/register", fresh,
+                                                      headers={"X-Forwarded-For": "198.51.100.7"})).code == 303
+        failed = [e for e in await read_events(rdb) if e.type == "register_failed"]
+        taken = [e for e in failed if e.reason == "taken"]
+        assert len(taken) == settings.login_address_threshold
+        assert all(e.user == "taken@example.com" and e.ip == "203.0.113.9" and e.uid is None for e in taken)
+        throttled = [e for e in failed if e.reason == "throttled"]
+        assert throttled and throttled[0].count == 1  # the first refusal as itself; the rest summarised later
+        clock.advance(settings.login_backoff_max)
+        await app.ctx.throttle.flush_due()
+        throttled = [e for e in await read_events(rdb) if e.type == "register_failed" and e.reason == "throttled"]
+        assert sum(e.count for e in throttled) == 12
+
+
+# -- 4. anyone could keep an account locked out -------------------------------------------------
+
+async def test_device_cookie_lets_the_owner_in_while_an_attacker_locks_the_account(new_browser, rdb, clock,
+                                                                                     settings) -> None:
+    owner = new_browser()
+    await owner.register("owner@example.com")
+    device = next(c for c in owner.last_set_cookies if c.startswith("device="))
+    lowered = device.lower()
+    assert "httponly" in lowered and "samesite=lax" in lowered and "path=/login" in lowered
+    assert "expires=" in lowered and str(int(clock() // 31_557_600) + 1971) not in lowered  # about a year
+    await owner.logout()
+    assert "device" in owner.cookies  # logging out keeps it
+
+    attacker = new_browser()
+    for _ in range(settings.login_account_threshold):
+        assert (await attacker.login("owner@example.com", "guess guess guess")).code == 401
+    assert (await attacker.login("owner@example.com", "guess guess guess")).code == 429
+    assert (await new_browser().login("owner@example.com")).code == 429  # a browser the owner never used
+    # The owner's own browser is throttled only by its own failures.
+    assert (await owner.login("owner@example.com")).code == 303
+    await owner.logout()
+    for _ in range(settings.login_account_threshold):
+        assert (await owner.login("owner@example.com", "typo typo typo")).code == 401
+    assert (await owner.login("owner@example.com")).code == 429
+    # A cookie for another account, or a forged one, counts for nothing.
+    stranger = new_browser()
+    await stranger.register("stranger@example.com")
+    await stranger.logout()
+    assert (await stranger.login("owner@example.com")).code == 429
+    forged = new_browser()
+    forged.cookies["device"] = owner.cookies["device"][:-4] + "AAAA"
+    assert (await forged.login("owner@example.com")).code == 429
+    evs = await read_events(rdb)
+    locked = [e.reason for e in evs if e.type == "locked_out"]
+    assert locked == ["account", "device"]
+
+
+# -- 6. malformed bodies answered 500 with a traceback ----------------------------------------------
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize("content_type,headers,body", [
+    (FORM, {"Content-Encoding": "gzip"}, gzip.compress(b"email=a%40example.com&password=x")),
+    (FORM, {"Content-Encoding": "br"}, b"email=a"),
+    ("multipart/form-data", {}, b"--x\r\nContent-Disposition: form-data; name=email\r\n\r\na\r\n--x--\r\n"),
+    ("multipart/form-dataxyz; boundary=x", {}, b"--x--\r\n"),
+    ("multipart/form-data; boundary=x", {}, b"--x\r\nno headers here\r\n--x--\r\n"),
+    (FORM, {}, "&".join(f"f{i}=v" for i in range(1200)).encode()),
+])
+async def test_malformed_bodies_get_400_and_change_nothing(browser: Browser, rdb, content_type, headers,
+                                                           body) -> None:
+    await browser.get("/login")
+    all_headers = {"Content-Type": content_type, "Cookie": f"_xsrf={browser.cookies['_xsrf']}", **headers}
+    r = await browser.client.fetch(browser.base_url + "/login", method="POST", body=body, headers=all_headers,
+                                   raise_error=False, follow_redirects=False)
+    assert r.code == 400
+    assert b"Traceback" not in r.body and b"<h1>" in r.body
+    assert await rdb.xlen("audit:log") == 0
+
+
+@pytest.mark.parametrize("target", ["/%7F", "/%7Faccount", "/account%0d%0aSet-Cookie:x=1", "/a%C2%85b", "/a%09b"])
+async def test_a_next_with_control_characters_falls_back_to_account(browser: Browser, target) -> None:
+    await browser.register("next@example.com")
+    await browser.logout()
+    r = await browser.post("/login?next=" + target, {"email": "next@example.com", "password": PASSWORD})
+    assert r.code == 303 and r.headers["Location"] == "/account"
+
+
+async def test_a_next_outside_ascii_is_kept_percent_encoded(browser: Browser) -> None:
+    await browser.register("unicode@example.com")
+    await browser.logout()
+    r = await browser.login("unicode@example.com", next="/admin/users/1?q=é")
+    assert r.code == 303 and r.headers["Location"] == "/admin/users/1?q=%C3%A9"
+
+
+# -- 7. Unicode digits and far dates in admin query values --------------------------------------------
+
+@pytest.mark.parametrize("path", [
+    "/admin/audit?limit=%C2%B2",  # ²
+    "/admin/audit?before=%D9%A1%D9%A2%D9%A3",  # Arabic-Indic 123
+    "/admin/audit?after=1%E2%82%82",  # subscript two
+    "/admin/audit.ndjson?limit=%EF%BC%95",  # fullwidth five
+    "/admin/sessions?offset=%D9%A3",
+    "/admin/audit?since=0001-01-01",
+    "/admin/audit?until=9999-12-31T23:59:59-23:59",
+    "/admin/audit?since=1969-12-31T23:59:59Z",
+    "/admin/audit?since=%D9%A2%D9%A0%D9%A2%D9%A6-01-01",
+    "/admin/audit.csv?until=99999-01-01",
+    "/admin/audit/live?last_id=%D9%A1-0",
+])
+async def test_odd_query_values_get_400(new_browser, rdb, path) -> None:
+    admin = await admin_browser(new_browser, rdb)
+    r = await admin.get(path)
+    assert r.code == 400, path
+    assert b"Traceback" not in r.body
+
+
+async def test_unicode_digits_in_last_event_id_get_400(new_browser, rdb) -> None:
+    admin = await admin_browser(new_browser, rdb)
+    arabic_indic = "\u0661\u0662\u0663-0".encode().decode("latin-1")  # as the UTF-8 bytes arrive
+    r = await admin.get("/admin/audit/live", headers={"Last-Event-ID": arabic_indic})
+    assert r.code == 400
+
+
+async def test_boundary_times_are_taken(new_browser, rdb) -> None:
+    admin = await admin_browser(new_browser, rdb)
+    for query in ("since=1970-01-01", "until=9999-12-31T23:59:59Z", "since=2026-11-30T12:00:00%2B01:00"):
+        assert (await admin.get("/admin/audit?" + query)).code == 200, query
+
+
+# -- 8. CSV cells with ; were written unquoted ----------------------------------------------------------
+
+async def test_csv_quotes_separators_and_neutralises_formulas(new_browser, rdb, base_url, http_client) -> None:
+    admin = await admin_browser(new_browser, rdb)
+    for agent in ("Mozilla;=2+5;", "tab\there", "=HYPERLINK(\"http://evil\")", "-2+3"):
+        await Browser(http_client, base_url, user_agent=agent).login("nobody@example.com", "wrong wrong wrong")
+    body = (await admin.get("/admin/audit.csv?type=login_failed")).body.decode()
+    # Quoted, so a comma-separated reading keeps the cell whole...
+    assert '"tab\there"' in body and "'=HYPERLINK" in body and ",'-2+3," in body
+    rows = list(csv.reader(io.StringIO(body)))
+    agents = {row[6] for row in rows[1:]}
+    assert {"Mozilla;'=2+5;", "tab\there", "'=HYPERLINK(\"http://evil\")", "'-2+3"} <= agents
+    # ...and a spreadsheet that splits on semicolons or tabs instead finds no cell that starts a formula.
+    for delimiter in (";", "\t"):
+        for line in body.splitlines()[1:]:
+            for cell in next(csv.reader([line], delimiter=delimiter)):
+                assert not cell.lstrip('"').startswith(("=", "+", "-", "@")), (delimiter, line)
+
+
+# -- the 404 and method paths read the body before answering ------------------------------------------
+
+async def test_unknown_page_and_missing_method_answer_after_the_body(browser: Browser) -> None:
+    await browser.get("/login")
+    r = await browser.post("/no/such/page", {"a": "b"})
+    assert r.code == 404 and b"Page not found" in r.body
+    r = await browser.post("/account", {"a": "b"})
+    assert r.code == 405
+    r = await browser.fetch("/", method="PUT", body="x=1", headers={"Content-Type": FORM})
+    assert r.code == 405
