@@ -567,3 +567,24 @@ async def test_an_unwritable_data_dir_is_reported_not_fatal(app, clock, tmp_path
     complaints = [r.getMessage() for r in caplog.records if "cannot write the copy" in r.getMessage()]
     assert len(complaints) == 1 and "not-a-dir" in complaints[0]  # once, not at every round
     assert app.ctx.seals.status.verified_events == 2  # sealing and checking go on
+
+
+async def test_a_pass_is_not_fooled_by_sealing_or_retention_while_it_runs(app, rdb, clock) -> None:
+    """A background pass is slow on purpose; the trail grows and is trimmed meanwhile."""
+    await keys.Script(rdb, FLOOD)(args=[3 * seal.BATCH_MAX + 10, int(clock() * 1000)])
+    assert await app.ctx.seals.seal_once() == 3 * seal.BATCH_MAX + 10
+    clock.advance(10 * 86400)
+    done = []
+
+    async def meanwhile() -> None:  # at the pass's first pause: retention (ahead of the pass), new events
+        if not done:
+            done.append(True)
+            trimmed = await app.ctx.audit.trim_step(int((clock() - 86400) * 1000), batch=2 * seal.BATCH_MAX + 1)
+            assert trimmed == 3 * seal.BATCH_MAX
+            await add_events(app, clock, 3, tag="meanwhile")
+            assert await app.ctx.seals.seal_once() == 3
+
+    report = await seal.verify_redis(rdb, app.ctx.seals.keys, now_ms=int(clock() * 1000), retention_days=1,
+                                     pace=meanwhile)
+    assert done and report.ok, report.problems
+    assert (await verify(app, clock, retention_days=1)).ok

@@ -376,7 +376,6 @@ class Trail:
         self.pace = pace
         self.rows: list[tuple[str, bytes]] = []  # read, not yet taken
         self.pos = 0
-        self.done = False
         self.read = 0  # events read
         self.cpu = 0.0
         self._agents: dict[tuple[str, bytes], str | None] = {}
@@ -388,16 +387,16 @@ class Trail:
             self.redis.execute_command(b"XRANGE", keys.AUDIT, self.cursor, "+", "COUNT", self.chunk))
 
     async def _more(self) -> bool:
-        if self.done:
-            return False
+        """Read the next chunk (the one fetched ahead, when there is one); False when there was nothing.
+
+        Never final: a pass that reaches the newest event may find more there later (appended and
+        sealed while it ran), so an empty read only means "nothing yet"."""
         task, self._next = self._next or self._fetch(), None
         entries = await task
-        if len(entries) < self.chunk:
-            self.done = True
         if not entries:
             return False
         self.cursor = "(" + entries[-1][0].decode()
-        if not self.done:
+        if len(entries) == self.chunk:
             self._next = self._fetch()
         if self.on_entries:
             self.on_entries(entries)
@@ -687,6 +686,8 @@ async def verify_redis(redis: aioredis.Redis, keys_: SealKeys, *, now_ms: int, r
             rows = await trail.through(seal.id)
             began = time.thread_time()
             problem = check_batch(keys_, head, seal, rows)
+            if problem is not None and await _trimmed(redis, seal):
+                problem = None  # retention removed this batch while the pass ran: not a problem
             if problem is not None and problem.kind == DELETED and problem.event is None:
                 problem = await _name_deleted(redis, problem, rows, head, seal)
             worked = time.thread_time() - began
@@ -715,6 +716,12 @@ async def verify_redis(redis: aioredis.Redis, keys_: SealKeys, *, now_ms: int, r
     report.seconds = time.monotonic() - started
     report.cpu = cpu0 + trail.cpu
     return report
+
+
+async def _trimmed(redis: aioredis.Redis, seal: Seal) -> bool:
+    """Whether retention has removed ``seal``'s batch since it was read: the marker is now at or after it."""
+    marker = await find_marker(redis)
+    return marker is not None and idkey(marker.id) >= idkey(seal.id)
 
 
 async def _name_deleted(redis: aioredis.Redis, problem: Problem, rows: list[tuple[str, bytes]], head: Head,
