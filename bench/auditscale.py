@@ -155,7 +155,7 @@ class AuditScale:
 
     def verify(self) -> dict[str, Any]:
         b = self.b
-        wait = max(20.0, min(120.0, b.spare("verify") - 5))
+        wait = max(20.0, min(150.0, b.spare("verify") - 5))
         return sealing.verify_at_scale(b, self.sites["large"], self.metrics_port, wait)
 
     # -- 6. export ---------------------------------------------------------------------------------

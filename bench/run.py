@@ -84,7 +84,7 @@ class Bench:
             "redis": 15,
             "storm": 8 + o.rounds * (2 * o.storm_duration + 6),
             "login": 5 + o.rounds * (o.login_samples * 0.8 + o.storm_duration + 3),
-            "audit": 30 + o.events_large / 8000 + o.rounds * 4 * (o.audit_duration + 1.5),
+            "audit": 30 + o.events_large / 15000 + o.rounds * 4 * (o.audit_duration + 1.5),
             "export": 45,
             "verify": 20 + o.events_large / 20000,
             "expiry": 15 + o.sessions / 6000 + o.bursts * 12,

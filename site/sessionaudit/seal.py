@@ -79,6 +79,8 @@ SEALS_MISSING, SEAL_ALTERED, NO_KEY, CUT_OFF, EARLY_TRIM = "seals_missing", "sea
 
 # ARGV: now (ms), token, lease (ms). The lease is the token and its expiry in the site's clock; the
 # Redis TTL is only a backstop for a clock that stands still (tests) or a process that died.
+# Returns 0 when another process holds it, else the id of the newest event ('' for none): a sealer
+# with nothing new to seal spends one round trip a round.
 LEASE = r"""
 local now, token, ms = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local cur = redis.call('GET', 'sa:seal:lease')
@@ -87,7 +89,8 @@ if cur then
   if holder ~= token and exp and tonumber(exp) > now then return 0 end
 end
 redis.call('SET', 'sa:seal:lease', token .. ' ' .. string.format('%.0f', now + ms), 'PX', ms * 6)
-return 1
+local newest = redis.call('XREVRANGE', 'audit:log', '+', '-', 'COUNT', 1)[1]
+return newest and newest[1] or ''
 """
 
 RELEASE = r"""
@@ -986,7 +989,8 @@ class SealService:
         """Take or renew the lease; while held, seal every event not sealed yet. Returns how many."""
         if not self.keys.current:
             return 0
-        if not await self._renew():
+        newest_event = await self._renew()
+        if newest_event is None:
             if self.holding:
                 log.info("another process seals the audit trail now")
             self.holding = False
@@ -997,6 +1001,8 @@ class SealService:
             self.holding = True
             log.info("this process seals the audit trail, continuing after %s",
                      f"seal {self.head.id} ({self.head.total} events)" if self.head.id else "the start")
+        if not newest_event or (self.head.id and idkey(newest_event) <= idkey(self.head.id)):
+            return 0  # nothing new
         sealed, moved = 0, False
         name = self.keys.current
         mac = self.keys.mac(name)
@@ -1038,7 +1044,7 @@ class SealService:
                     break
                 if sealed >= CATCH_UP:
                     await asyncio.sleep(worked)  # catching up with a backlog: about half the CPU at most
-                if time.monotonic() - self._renewed > self.lease_ms / 3000 and not await self._renew():
+                if time.monotonic() - self._renewed > self.lease_ms / 3000 and await self._renew() is None:
                     self.holding, self.head = False, None
                     break
                 continue
@@ -1058,12 +1064,13 @@ class SealService:
             break
         return sealed
 
-    async def _renew(self) -> bool:
-        """Take or renew the lease."""
-        if await self._scripts.lease(args=[self.now_ms(), self.token, self.lease_ms]):
-            self._renewed = time.monotonic()
-            return True
-        return False
+    async def _renew(self) -> str | None:
+        """Take or renew the lease: the newest event's id ('' for none), or None when another process holds it."""
+        got = await self._scripts.lease(args=[self.now_ms(), self.token, self.lease_ms])
+        if got == 0:
+            return None
+        self._renewed = time.monotonic()
+        return got.decode()
 
     def _sealed(self, prev: Head, seal: Seal) -> None:
         self._newest_sealed = seal
@@ -1296,8 +1303,8 @@ class SealService:
         return self.interval if self.holding else max(self.interval, 1.0)
 
     def _pause(self) -> float:
-        """Seconds between whole passes: as long as the last one took, between 1 and ``pause_max``."""
-        return min(self.pause_max, max(1.0, self.status.pass_seconds or 0.0))
+        """Seconds between whole passes (new seals are checked as they come meanwhile)."""
+        return self.pause_max
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -40,7 +40,7 @@ def test_a_rewritten_event_is_named_on_the_admin_pages(start_site: Callable[...,
     site.create_user("root@example.com", admin=True)
     admin = new_context(site).new_page()
     log_in(admin, "root@example.com")
-    reload_until(admin, "/admin/audit", "Sealed and verified through")
+    reload_until(admin, "/admin/audit", "sealed and verified through")
 
     # Someone with Redis access rewrites the admin's sign-in: a copy with another address, renamed over the trail.
     client = redis.Redis.from_url(site.redis_url)
