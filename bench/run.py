@@ -286,7 +286,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     vf = r.get("verify")
     if vf:
         add(f"9 audit verify, {_n(vf['cli_events'])} events", f"{vf['cli_seconds']:.1f} s",
-            "intact" if vf["cli_ok"] else "NOT INTACT", "", "<= 30 s", vf["cli_ok"] and vf["cli_seconds"] <= 30)
+            f"{'intact' if vf['cli_ok'] else 'NOT INTACT'}; CPU {vf.get('cli_cpu_seconds') or 0:.1f} s", "", "<= 30 s",
+            vf["cli_ok"] and vf["cli_seconds"] <= 30)
         if vf.get("pass_seconds"):
             share = (vf["pass_cpu_seconds"] or 0) / vf["pass_seconds"]
             add(f"9 background pass, {_n(vf['pass_events'])} events",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import threading
 import time
 import urllib.request
@@ -108,15 +109,19 @@ def verify_at_scale(bench: Any, site: Site, metrics_port: int, wait: float) -> d
     passes0 = before.get("sessionaudit_audit_verify_passes_total", 0.0)
     cpu0 = common.cpu_seconds(site.pid)
     start = time.monotonic()
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = b.children.run([PY, str(ROOT / "server.py"), "audit", "verify", f"--redis-url={site.url}",
                            f"--data-dir={site.data_dir}", "--log-format=json"], "load", timeout=180,
                           env=site_env(), cwd=str(ROOT))
     cli_s = time.monotonic() - start
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cli_cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
     try:
         report = json.loads(done.stdout)["seals"]
     except (ValueError, KeyError):
         raise RuntimeError(f"audit verify printed no report: {done.stdout[-300:]} {done.stderr[-300:]}") from None
-    log(f"verify: audit verify of {report['events']:,} events in {cli_s:.1f} s: seals ok={report['ok']}")
+    log(f"verify: audit verify of {report['events']:,} events in {cli_s:.1f} s (CPU {cli_cpu:.1f} s): "
+        f"seals ok={report['ok']}")
     # The site's own pass over the whole trail, one that began after this section did, so that it ran
     # with nothing else in the site (its CPU is then its own); within the time left, else the last one.
     m = before
@@ -130,7 +135,8 @@ def verify_at_scale(bench: Any, site: Site, metrics_port: int, wait: float) -> d
     wall = time.monotonic() - start
     whole = (m.get("sessionaudit_audit_verify_pass_seconds") or 1e9) <= wall  # it began in this section
     out = {
-        "cli_seconds": cli_s, "cli_ok": report["ok"], "cli_events": report["events"], "cli_seals": report["seals"],
+        "cli_seconds": cli_s, "cli_cpu_seconds": cli_cpu, "cli_ok": report["ok"], "cli_events": report["events"],
+        "cli_seals": report["seals"],
         "pass_seconds": m.get("sessionaudit_audit_verify_pass_seconds"),
         "pass_cpu_seconds": m.get("sessionaudit_audit_verify_pass_cpu_seconds"),
         "pass_events": m.get("sessionaudit_audit_verify_pass_events"), "pass_while_idle": whole,
