@@ -67,7 +67,7 @@ GENESIS = bytes(32)  # m_prev of the first seal
 OUTSIDE_NAME = "audit-seal.json"
 SEAL_LOG_EVERY = 10.0  # seconds between log lines of the newest seal (while events are sealed)
 READ_BATCHES = 4  # batches read (one XRANGE) and sealed (one pipeline) per round trip
-CATCH_UP = 10 * BATCH_MAX  # events sealed in one go beyond which the sealer leaves the IOLoop half its time
+CATCH_UP = 10 * BATCH_MAX  # a backlog beyond which the sealer leaves half the IOLoop's time to requests
 UNSEALED_GRACE_MS = 10_000  # an event this long unsealed means sealing is not keeping up
 EVENT_CHUNK = 2000  # events read per round trip while verifying
 SEAL_CHUNK = 32  # seals read per round trip while verifying
@@ -960,6 +960,7 @@ class SealService:
         self.status = SealStatus()
         self.token = secrets.token_urlsafe(12)
         self.holding = False
+        self.behind = False  # the sealer's last round left a backlog: background passes step back
         self.head: Head | None = None  # the sealer's: where its next seal chains from
         self.followed: Seal | None = None  # the newest seal this process has verified (or started from)
         self._scripts = keys.Scripts(redis, lease=LEASE, release=RELEASE, seal=SEAL)
@@ -1008,61 +1009,79 @@ class SealService:
         mac = self.keys.mac(name)
         assert mac is not None
         script = self._scripts.seal
-        while True:
-            start = f"({self.head.id}" if self.head.id else "-"
-            entries = await self.redis.execute_command(b"XRANGE", keys.AUDIT, start, "+", "COUNT",
-                                                       READ_BATCHES * BATCH_MAX)
-            if not entries:
+        ahead: asyncio.Task[Any] | None = None  # the next chunk, read while this one is sealed
+        try:
+            while True:
+                entries = await (ahead or self._read_after(self.head.id))
+                ahead = None
+                if not entries:
+                    break
+                full = len(entries) == READ_BATCHES * BATCH_MAX
+                if full:  # more to come: read it meanwhile (round trips, not CPU, bound this under load)
+                    ahead = asyncio.get_running_loop().create_task(self._read_after(entries[-1][0].decode()))
+                await fill_agents(self.redis, entries, self._agents)
+                made: list[tuple[Head, Seal]] = []
+                prev, worked = self.head, 0.0
+                for k in range(0, len(entries), BATCH_MAX):
+                    began = time.thread_time()
+                    seal = make_seal(mac, name, prev, entries[k:k + BATCH_MAX], self._agents)
+                    worked += time.thread_time() - began
+                    made.append((prev, seal))
+                    prev = Head.of(seal)
+                    await asyncio.sleep(0)  # requests get their turn between batches
+                # One round trip for all of them; each is refused unless the one before it went in.
+                if not self._seal_loaded:
+                    await self.redis.script_load(script.source)
+                    self._seal_loaded = True
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for before, seal in made:
+                        pipe.execute_command("EVALSHA", script.sha, 0, self.now_ms(), self.token, before.id, seal.id,
+                                             seal.key, seal.total, seal.mac, seal.digests)
+                    results = await pipe.execute(raise_on_error=False)
+                for (before, seal), result in zip(made, results, strict=True):
+                    if result != b"ok":
+                        break
+                    self.head = Head.of(seal)
+                    sealed += seal.count
+                    self._sealed(before, seal)
+                else:
+                    self.behind = full
+                    if not full:
+                        break
+                    if sealed >= CATCH_UP and self.busy():
+                        await asyncio.sleep(worked)  # a long backlog while pages are served: half the CPU each
+                    if time.monotonic() - self._renewed > self.lease_ms / 3000 and await self._renew() is None:
+                        self.holding, self.head = False, None
+                        break
+                    continue
+                if ahead is not None:
+                    ahead.cancel()
+                    ahead = None
+                if isinstance(result, redis.exceptions.NoScriptError):  # the scripts were flushed
+                    self._seal_loaded = False
+                    break
+                if isinstance(result, Exception):
+                    raise result
+                if result == b"moved" and not moved:  # the newest seal is not the one this process wrote last
+                    newest = await newest_seal(self.redis)
+                    log.warning("sealing: the newest seal in Redis is %s, not %s, which this process wrote: going "
+                                "on from it", newest.id if newest else "none", self.head.id or "none")
+                    self.head, moved = Head.of(newest) if newest else START, True
+                    continue
+                log.info("sealing: the lease passed to another process")
+                self.holding, self.head = False, None
                 break
-            await fill_agents(self.redis, entries, self._agents)
-            made: list[tuple[Head, Seal]] = []
-            prev, worked = self.head, 0.0
-            for k in range(0, len(entries), BATCH_MAX):
-                began = time.thread_time()
-                seal = make_seal(mac, name, prev, entries[k:k + BATCH_MAX], self._agents)
-                worked += time.thread_time() - began
-                made.append((prev, seal))
-                prev = Head.of(seal)
-                await asyncio.sleep(0)  # requests get their turn between batches
-            # One round trip for all of them; each is refused unless the one before it went in.
-            if not self._seal_loaded:
-                await self.redis.script_load(script.source)
-                self._seal_loaded = True
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for before, seal in made:
-                    pipe.execute_command("EVALSHA", script.sha, 0, self.now_ms(), self.token, before.id, seal.id,
-                                         seal.key, seal.total, seal.mac, seal.digests)
-                results = await pipe.execute(raise_on_error=False)
-            for (before, seal), result in zip(made, results, strict=True):
-                if result != b"ok":
-                    break
-                self.head = Head.of(seal)
-                sealed += seal.count
-                self._sealed(before, seal)
-            else:
-                if len(entries) < READ_BATCHES * BATCH_MAX:
-                    break
-                if sealed >= CATCH_UP:
-                    await asyncio.sleep(worked)  # catching up with a backlog: about half the CPU at most
-                if time.monotonic() - self._renewed > self.lease_ms / 3000 and await self._renew() is None:
-                    self.holding, self.head = False, None
-                    break
-                continue
-            if isinstance(result, redis.exceptions.NoScriptError):  # the scripts were flushed
-                self._seal_loaded = False
-                break
-            if isinstance(result, Exception):
-                raise result
-            if result == b"moved" and not moved:  # the newest seal is not the one this process wrote last
-                newest = await newest_seal(self.redis)
-                log.warning("sealing: the newest seal in Redis is %s, not %s, which this process wrote: going on "
-                            "from it", newest.id if newest else "none", self.head.id or "none")
-                self.head, moved = Head.of(newest) if newest else START, True
-                continue
-            log.info("sealing: the lease passed to another process")
-            self.holding, self.head = False, None
-            break
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+        if not sealed:
+            self.behind = False
         return sealed
+
+    async def _read_after(self, after: str) -> Any:
+        """Raw entries after id ``after`` ("" from the start), a round's worth."""
+        return await self.redis.execute_command(b"XRANGE", keys.AUDIT, f"({after}" if after else "-", "+", "COUNT",
+                                                READ_BATCHES * BATCH_MAX)
 
     async def _renew(self) -> str | None:
         """Take or renew the lease: the newest event's id ('' for none), or None when another process holds it."""
@@ -1257,7 +1276,7 @@ class SealService:
         What it used is the IOLoop thread's CPU since the last sleep: the pass's reading and parsing
         as well as its hashing (and whatever else ran meanwhile, which only makes it slower)."""
         worked = time.thread_time() - self._paced
-        share = self.busy_share if self.busy() else self.share
+        share = self.busy_share if self.busy() or self.behind else self.share
         await asyncio.sleep(max(0.0, worked) * (1 / share - 1))
         self._paced = time.thread_time()
 
