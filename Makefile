@@ -2,15 +2,23 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 AXE := tests/browser/node_modules/axe-core/axe.min.js
 
 .PHONY: run test bench lint clean
 
+# What serving needs, and no more: a first `make run` installs no test tools.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PIP) -e .
 	touch $(STAMP)
+
+# The test extra on top (pytest, Playwright, ruff, an SMTP server for the mail tests).
+$(TEST_STAMP): $(STAMP)
+	$(PIP) -e '.[test]'
+	touch $(TEST_STAMP)
 
 run: $(STAMP)
 	$(PY) server.py $(ARGS)
@@ -21,14 +29,14 @@ $(AXE): tests/browser/package-lock.json
 	  || echo "npm ci failed: the browser tests will be skipped"; \
 	else echo "npm not found: the browser tests will be skipped"; fi
 
-test: $(STAMP) $(AXE)
+test: $(TEST_STAMP) $(AXE)
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(PY) -m ruff check .
 
 clean:

@@ -9,7 +9,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import argon2
@@ -142,16 +142,23 @@ def generate_events(n: int, end_ms: int, spacing_ms: int, spec: EventSpec, seed:
 def load_events(client: redis.Redis, n: int, spec: EventSpec, end_ms: int, spacing_ms: int = 2500,
                 per_call: int = 1000, calls_per_pipe: int = 4,
                 calls: list[tuple[float, str, int]] | None = None) -> float:
-    """Append ``n`` events through ``emit``; return the seconds it took. Generation runs in a
-    thread so Python's work overlaps Redis's. ``calls`` receives, per call, about when it began
-    (monotonic), the id of its last event and its number of events (the seal lag of bench row 9)."""
+    """Append ``n`` events through ``emit``; return the seconds it took."""
+    return load_stream(client, generate_events(n, end_ms, spacing_ms, spec), per_call, calls_per_pipe, calls)
+
+
+def load_stream(client: redis.Redis, events: Iterable[list[object]], per_call: int = 1000,
+                calls_per_pipe: int = 4, calls: list[tuple[float, str, int]] | None = None) -> float:
+    """Append ``events`` (LOADER argument groups, oldest first) through ``emit``; return the seconds
+    it took. Generation runs in a thread so Python's work overlaps Redis's. ``calls`` receives, per
+    call, about when it began (monotonic), the id of its last event and its number of events (the
+    seal lag of bench row 9)."""
     script = client.register_script(keys.LUA_PRELUDE + LOADER)
     batches: queue.Queue[list[object] | None] = queue.Queue(maxsize=8)
 
     def produce() -> None:
         group: list[object] = []
         count = 0
-        for event in generate_events(n, end_ms, spacing_ms, spec):
+        for event in events:
             group.extend(event)
             count += 1
             if count == per_call:

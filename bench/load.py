@@ -1,6 +1,7 @@
 """Run load from a separate, pinned process: wrk when installed (closed loop), else bench/loadgen.py.
 
-Paced (open-loop) runs and login storms always use loadgen.py: wrk has no fixed-rate mode.
+Paced (open-loop) runs, login storms and floods always use loadgen.py: wrk has no fixed-rate mode
+and sends the same request every time.
 Every run is bounded in time, and the server's CPU time is read from /proc around it.
 """
 
@@ -73,32 +74,49 @@ class Load:
     def start_storm(self, port: int, emails: list[str], password: str, clients: int,
                     duration: float) -> subprocess.Popen[str]:
         """Start a login storm; returns once every client holds its XSRF token (READY)."""
-        args = [PY, LOADGEN, "storm", f"--port={port}", f"--conns={clients}", f"--duration={duration}",
-                f"--emails={','.join(emails)}", f"--password={password}", "--expect=303",
-                "--header", f"User-Agent: {UA}"]
+        return self._start([PY, LOADGEN, "storm", f"--port={port}", f"--conns={clients}", f"--duration={duration}",
+                            f"--emails={','.join(emails)}", f"--password={password}", "--expect=303",
+                            "--header", f"User-Agent: {UA}"], "login storm")
+
+    def start_flood(self, port: int, email: str, password: str, conns: int, duration: float) -> subprocess.Popen[str]:
+        """Start a flood of refused logins to one account (see loadgen.py flood); returns once READY."""
+        return self._start(self._flood_args(port, email, password, conns, duration, 0), "login flood")
+
+    def flood(self, port: int, email: str, password: str, count: int, conns: int = 1,
+              timeout: float = 120.0) -> dict[str, Any]:
+        """``count`` login attempts to one account, each with a new User-Agent; run to completion."""
+        return self._loadgen(self._flood_args(port, email, password, conns, timeout, count)[2:], {}, timeout)
+
+    def finish_storm(self, proc: subprocess.Popen[str], timeout: float, what: str = "login storm") -> dict[str, Any]:
+        """The report of a storm or flood started by ``start_storm``/``start_flood``."""
+        # Not communicate(): READY was read through the text buffer; the report is one short line.
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.children.stop(proc)
+            raise RuntimeError(f"{what} overstayed its time") from None
+        out = proc.stdout.read() if proc.stdout else ""
+        err = proc.stderr.read() if proc.stderr else ""
+        self.children.stop(proc)
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"{what} printed no report: {err[-500:]}")
+        return json.loads(lines[-1])
+
+    def _start(self, args: list[str], what: str) -> subprocess.Popen[str]:
         proc = self.children.popen(args, "load", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if line.strip() != "READY":
             err = proc.stderr.read() if proc.stderr else ""
             self.children.stop(proc)
-            raise RuntimeError(f"login storm did not start: {line!r} {err[-500:]}")
+            raise RuntimeError(f"{what} did not start: {line!r} {err[-500:]}")
         return proc
 
-    def finish_storm(self, proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-        # Not communicate(): READY was read through the text buffer; the report is one short line.
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.children.stop(proc)
-            raise RuntimeError("login storm overstayed its time") from None
-        out = proc.stdout.read() if proc.stdout else ""
-        err = proc.stderr.read() if proc.stderr else ""
-        self.children.stop(proc)
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if not lines:
-            raise RuntimeError(f"login storm printed no report: {err[-500:]}")
-        return json.loads(lines[-1])
+    @staticmethod
+    def _flood_args(port: int, email: str, password: str, conns: int, duration: float, count: int) -> list[str]:
+        return [PY, LOADGEN, "flood", f"--port={port}", f"--conns={conns}", f"--duration={duration}",
+                f"--count={count}", f"--emails={email}", f"--password={password}", "--expect=429"]
 
     def _loadgen(self, args: list[str], headers: dict[str, str], duration: float) -> dict[str, Any]:
         cmd = [PY, LOADGEN, *args]

@@ -7,6 +7,10 @@ Modes (each bounded by --duration; the last line on stdout is one JSON object):
           a request was due, so a stalled server is not hidden (no coordinated omission)
   storm   N clients logging in continuously (POST /login with the _xsrf cookie and field); prints
           READY once every client holds its token, then runs for --duration
+  flood   one attacker on N connections posting logins to one account (--emails) with a wrong
+          password and a new --ua-bytes User-Agent each time (distinct in its first bytes, which are
+          all the site keeps); prints READY once it holds its token, then runs for --duration or
+          until --count attempts have been answered
 
 The bench uses wrk for closed-loop runs when it is installed, and this otherwise.
 """
@@ -21,6 +25,7 @@ import json
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 
@@ -119,12 +124,16 @@ class Tally:
         self.statuses: dict[int, int] = {}
         self.errors = 0
 
-    async def loop(self, conn: Conn, data: bytes, retry_pause: float) -> None:
-        """Send ``data`` on ``conn`` back to back until the deadline (closed loop)."""
+    async def loop(self, conn: Conn, data: bytes | Callable[[], bytes | None], retry_pause: float) -> None:
+        """Send ``data`` on ``conn`` back to back until the deadline (closed loop); a callable makes
+        each request anew, and returning None ends the loop."""
         while time.perf_counter() < self.deadline:
+            this = data() if callable(data) else data
+            if this is None:
+                return
             t0 = time.perf_counter()
             try:
-                status, _, _ = await conn.request(data)
+                status, _, _ = await conn.request(this)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 self.errors += 1
                 conn.close()
@@ -199,19 +208,24 @@ async def paced(args: argparse.Namespace) -> dict[str, Any]:
     return summary(latencies, elapsed, errors, bad, statuses) | {"rate": args.rate}
 
 
+async def xsrf_token(conn: Conn, headers: list[str]) -> str:
+    """The _xsrf cookie that GET /login sets."""
+    _, reply, _ = await conn.request(build_request("GET", "/login", headers))
+    for name, value in reply:
+        if name == b"set-cookie":
+            jar = http.cookies.SimpleCookie()
+            jar.load(value.decode())
+            if "_xsrf" in jar:
+                return jar["_xsrf"].value
+    return ""
+
+
 async def storm(args: argparse.Namespace) -> dict[str, Any]:
     emails = args.emails.split(",")
     clients = []
     for i in range(args.conns):
         conn = Conn(args.host, args.port)
-        _, headers, _ = await conn.request(build_request("GET", "/login", args.header))
-        token = ""
-        for name, value in headers:
-            if name == b"set-cookie":
-                jar = http.cookies.SimpleCookie()
-                jar.load(value.decode())
-                if "_xsrf" in jar:
-                    token = jar["_xsrf"].value
+        token = await xsrf_token(conn, args.header)
         body = urllib.parse.urlencode({"email": emails[i % len(emails)], "password": args.password,
                                        "_xsrf": token}).encode()
         data = build_request("POST", "/login", [*args.header, f"Cookie: _xsrf={token}",
@@ -235,9 +249,44 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
     return tally.summary(elapsed, args.expect) | {"rate_steady": steady}
 
 
+async def flood(args: argparse.Namespace) -> dict[str, Any]:
+    headers = [h for h in args.header if not h.lower().startswith("user-agent:")]
+    conns = [Conn(args.host, args.port) for _ in range(args.conns)]
+    token = await xsrf_token(conns[0], headers)
+    if not token:
+        raise RuntimeError("GET /login set no _xsrf cookie")
+    body = urllib.parse.urlencode({"email": args.emails, "password": args.password, "_xsrf": token}).encode()
+    fixed = [*headers, f"Cookie: _xsrf={token}", "Content-Type: application/x-www-form-urlencoded"]
+    filler = "(KHTML, like Gecko) " * (args.ua_bytes // 20 + 1)
+    sent = 0
+
+    def attempt() -> bytes | None:
+        nonlocal sent
+        if args.count and sent >= args.count:
+            return None
+        sent += 1
+        agent = f"Mozilla/5.0 (flood {sent:010d}; X11; Linux x86_64) AppleWebKit/537.36 {filler}"[:args.ua_bytes]
+        return build_request("POST", "/login", [f"User-Agent: {agent}", *fixed], body)
+
+    for conn in conns:
+        await conn.open()
+    print("READY", flush=True)
+    tally = Tally(args.duration)
+    workers = [asyncio.ensure_future(tally.loop(c, attempt, 0.05)) for c in conns]
+    _, pending = await asyncio.wait(workers, timeout=args.duration)
+    for w in pending:  # an attempt in flight at the deadline is not counted
+        w.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*workers, return_exceptions=True)
+    elapsed = time.perf_counter() - tally.start
+    for conn in conns:
+        conn.close()
+    return tally.summary(elapsed, args.expect) | {"sent": sent, "user_agent_bytes": args.ua_bytes}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("closed", "paced", "storm"))
+    parser.add_argument("mode", choices=("closed", "paced", "storm", "flood"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/")
@@ -248,13 +297,15 @@ def main() -> int:
     parser.add_argument("--expect", type=int, default=200)
     parser.add_argument("--emails", default="")
     parser.add_argument("--password", default="")
+    parser.add_argument("--count", type=int, default=0, help="flood: stop after this many attempts (0: no limit)")
+    parser.add_argument("--ua-bytes", type=int, default=2048, help="flood: size of each User-Agent")
     args = parser.parse_args()
     try:
         import uvloop
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    result = runner({"closed": closed, "paced": paced, "storm": storm}[args.mode](args))
+    result = runner({"closed": closed, "paced": paced, "storm": storm, "flood": flood}[args.mode](args))
     print(json.dumps(result), flush=True)
     return 0
 

@@ -9,9 +9,11 @@ Measurements: 1 authenticated page vs a floor handler and a plain one (req/s, CP
 2 Redis commands and round trips per page (INFO commandstats, MONITOR); 3 /account p99 during a
 login storm; 4 login p50 vs one argon2 verify, and login rate; 5 /admin/audit on 1k vs 1M events;
 6 the ndjson export of 1M events (events/s, server RSS growth); 7 expiry lag with 100k live
-sessions, 10k expiring in one second; 8 Redis memory per live session and per audit event; 9 the
-sealed trail: sealing rate and lag at the fastest append rate, seal bytes per event, `audit verify`
-of 1M events and the site's background pass over them.
+sessions, 10k expiring in one second; 8 Redis memory per live session and per audit event; 9 a
+flood of refused logins: Redis memory per attempt, /account p99 during the flood, and the user-agent
+dictionaries after a retention trim; 10 the sealed
+trail: sealing rate and lag at the fastest append rate, seal bytes per event, `audit verify` of 1M
+events and the site's background pass over them.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from auditscale import AuditScale
 from common import BENCH, COOKIE_SECRET, Children, Pinning, dump_json, log
 from expiry import Expiry
+from flood import Flood
 from load import Load
 from web import Web
 
-SECTIONS = ("pages", "redis", "storm", "login", "audit", "export", "verify", "expiry")
+SECTIONS = ("pages", "redis", "storm", "login", "audit", "export", "verify", "expiry", "flood")
 
 
 @dataclass
@@ -55,10 +58,17 @@ class Options:
     sessions: int = 100_000
     burst: int = 10_000
     bursts: int = 2
+    flood_attempts: int = 5_000  # refused logins whose memory is measured
+    flood_duration: int = 5  # s per paced run, calm and during the flood
+    flood_conns: int = 8  # connections of the flooding process
+    trail_days: int = 14
+    trail_per_day: int = 3_000  # events a day, each with a new user agent
+    trail_keep_days: int = 3
 
 
 QUICK = Options(rounds=1, duration=2, storm_duration=3, audit_duration=2, login_samples=3, redis_requests=100,
-                events_large=100_000, export_runs=1, export_timeout=30.0, sessions=20_000, burst=2_000, bursts=1)
+                events_large=100_000, export_runs=1, export_timeout=30.0, sessions=20_000, burst=2_000, bursts=1,
+                flood_attempts=2_000, flood_duration=3, trail_days=7, trail_per_day=1_000)
 
 
 class Bench:
@@ -88,6 +98,8 @@ class Bench:
             "export": 45,
             "verify": 20 + o.events_large / 20000,
             "expiry": 15 + o.sessions / 6000 + o.bursts * 12,
+            "flood": 35 + o.flood_attempts / 400 + o.rounds * (2 * o.flood_duration + 6)
+            + o.trail_days * o.trail_per_day / 5000 + 5,
         }[phase]
 
     def spare(self, phase: str) -> float:
@@ -152,6 +164,21 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
                 _fail(results, "expiry", e)
             finally:
                 expiry.close()
+        if "flood" in wanted:
+            flood = Flood(bench)
+            try:
+                flood.start()
+                results["flood"] = {}
+                for part, fn in (("memory", flood.memory), ("pages", flood.pages),
+                                 ("dictionaries", flood.dictionaries)):
+                    try:
+                        results["flood"][part] = fn()
+                    except Exception as e:
+                        _fail(results, f"flood_{part}", e)
+            except Exception as e:
+                _fail(results, "flood", e)
+            finally:
+                flood.close()
     finally:
         children.close()
         if args.keep_tmp:
@@ -189,7 +216,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
 
     def missing(what: str, bar: str, key: str) -> None:
         group = {"pages": "web", "redis": "web", "storm": "web", "login": "web", "export": "audit",
-                 "verify": "audit"}.get(key, key)
+                 "verify": "audit", "flood_memory": "flood", "flood_pages": "flood",
+                 "flood_dictionaries": "flood"}.get(key, key)
         err = r["errors"].get(key) or r["errors"].get(group)
         add(what, "error" if err else "not run", "", "", bar, None)
 
@@ -274,28 +302,61 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     if al:
         add(f"8 Redis memory per audit event ({_n(al['events'])})", f"{al['bytes_per_event']:.0f} B",
             f"loaded at {al['load_events_per_s']:,.0f} events/s", "", "<= 300 B", al["bytes_per_event"] <= 300)
+    fl = r.get("flood") or {}
+    fm = fl.get("memory")
+    if fm:
+        with_summary = fm.get("bytes_per_attempt_with_summary")
+        result = f"{fm['bytes_per_attempt']:.1f} B" + (f", {with_summary:.1f} B with its summary"
+                                                        if with_summary is not None else "")
+        n_events = fm.get("events_with_summary", fm["events_after_attempts"])
+        add(f"9 Redis memory per refused login ({_n(fm['attempts'])}, one client, new 2 KB UA each)", result,
+            f"{n_events} events for {fm['attempts']:,} attempts; of the first: keys "
+            f"{fm['key_bytes_per_attempt']:.1f} B, connection buffers {fm['connection_bytes_per_attempt']:.1f} B",
+            "", "<= 150 B", fm["bytes_per_attempt_worst"] <= 150 and fm["trail_accounts_for_every_refusal"])
+    else:
+        missing("9 Redis memory per refused login", "<= 150 B", "flood_memory")
+    fp = fl.get("pages")
+    if fp:
+        add(f"9 /account p99 during a login flood ({fp['flood_conns']} conns, {fp['flood_rate']:,.0f} refused/s; "
+            f"{fp['rate']} req/s paced)", f"{fp['p99_flood_ms']:.1f} ms",
+            f"calm {fp['p99_calm_ms']:.1f} ms (p50 {fp['p50_flood_ms']:.1f} vs {fp['p50_calm_ms']:.1f} ms; site CPU "
+            f"{fp['site_cpu_util_flood']:.0%} vs {fp['site_cpu_util_calm']:.0%})", f"{fp['p99_ratio']:.2f}x", "<= 2x",
+            fp["p99_ratio"] <= 2)
+    else:
+        missing("9 /account p99 during a login flood", "<= 2x", "flood_pages")
+    fd = fl.get("dictionaries")
+    if fd:
+        a, b = fd["after"], fd["before"]
+        add(f"9 user-agent dictionaries after `audit trim` ({fd['days']} days, {_n(fd['events'])} agents, "
+            f"keep {fd['keep_days']})",
+            f"{len(a['days'])} days, {a['entries']:,} entries, {a['bytes'] / 2**20:.1f} MiB",
+            f"before {len(b['days'])} days, {b['entries']:,} entries, {b['bytes'] / 2**20:.1f} MiB",
+            f"{fd['bytes_ratio']:.2f}x", "only kept days remain",
+            fd["only_kept_days_remain"] and not fd["kept_events_without_agent"])
+    else:
+        missing("9 user-agent dictionaries after a trim", "only kept days remain", "flood_dictionaries")
     if al:
         fast = al["load_events_per_s"] >= 20_000
-        add(f"9 sealing while {_n(al['events'])} events are appended", f"{al['load_events_per_s']:,.0f} events/s, "
+        add(f"10 sealing while {_n(al['events'])} events are appended", f"{al['load_events_per_s']:,.0f} events/s, "
             f"lag p99 {al['lag_p99_ms']:,.0f} ms", f"p50 {al['lag_p50_ms']:,.0f} ms, max {al['lag_max_ms']:,.0f} ms",
             "", ">= 20,000/s, p99 <= 2 s", fast and al["lag_p99_ms"] <= 2000)
-        add(f"9 seal memory per event ({_n(al['events'])})", f"{al['seal_bytes_per_event']:.1f} B",
+        add(f"10 seal memory per event ({_n(al['events'])})", f"{al['seal_bytes_per_event']:.1f} B",
             f"{al['events_per_seal']:,.0f} events a seal", "", "<= 24 B", al["seal_bytes_per_event"] <= 24)
     else:
-        missing("9 sealing at the fastest append rate", ">= 20,000/s, p99 <= 2 s", "audit")
+        missing("10 sealing at the fastest append rate", ">= 20,000/s, p99 <= 2 s", "audit")
     vf = r.get("verify")
     if vf:
-        add(f"9 audit verify, {_n(vf['cli_events'])} events", f"{vf['cli_seconds']:.1f} s",
+        add(f"10 audit verify, {_n(vf['cli_events'])} events", f"{vf['cli_seconds']:.1f} s",
             f"{'intact' if vf['cli_ok'] else 'NOT INTACT'}; CPU {vf.get('cli_cpu_seconds') or 0:.1f} s", "", "<= 30 s",
             vf["cli_ok"] and vf["cli_seconds"] <= 30)
         if vf.get("pass_seconds"):
             share = (vf["pass_cpu_seconds"] or 0) / vf["pass_seconds"]
-            add(f"9 background pass, {_n(vf['pass_events'])} events",
+            add(f"10 background pass, {_n(vf['pass_events'])} events",
                 f"{vf['pass_seconds']:.0f} s, CPU {vf['pass_cpu_seconds']:.1f} s",
                 f"{share:.0%} of a core{'' if vf['pass_while_idle'] else ' (partly while pages were served)'}",
                 "", "bounded CPU, <= 5 s between", None)
     else:
-        missing("9 audit verify, large trail", "<= 30 s", "verify")
+        missing("10 audit verify, large trail", "<= 30 s", "verify")
     return out
 
 

@@ -87,8 +87,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def settings() -> Settings:
-    return test_settings()
+def settings(tmp_path: Path) -> Settings:
+    return test_settings(data_dir=str(tmp_path))  # mail without an SMTP server goes to tmp_path/outbox
 
 
 @pytest.fixture
@@ -103,6 +103,7 @@ def app(settings: Settings, rdb: aioredis.Redis, clock: FakeClock, io_loop: Any)
     application = make_app(settings, rdb, clock)
     yield application
     io_loop.run_sync(application.ctx.close_followers)
+    io_loop.run_sync(application.ctx.mailer.stop)
     application.ctx.close()
 
 
@@ -180,6 +181,7 @@ async def serving(app: Any, **server_options: Any) -> Any:
     finally:
         server.stop()
         await app.ctx.close_followers()
+        await app.ctx.mailer.stop()
         app.ctx.close()
 
 

@@ -18,7 +18,8 @@ SERVER = str(ROOT / "server.py")
 
 
 def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "COOKIE_SECRET", "SESSION_SECRET")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("REDIS_URL", "COOKIE_SECRET", "SESSION_SECRET", "SMTP_URL", "PUBLIC_URL", "MAIL_FROM")}
     base.update({"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST": "1024", "ARGON2_PARALLELISM": "1"})
     base.update(extra)
     return base

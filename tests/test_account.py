@@ -86,8 +86,15 @@ async def test_password_change_ends_the_others_and_keeps_this_browser(browser: B
     stale = Browser(browser.client, browser.base_url)
     stale.cookies["sid"] = old_cookie
     assert (await stale.get("/account")).code == 302
-    revoked = [e for e in await read_events(rdb) if e.type == "revoked"]
+    evs = await read_events(rdb)
+    revoked = [e for e in evs if e.type == "revoked"]
     assert {e.reason for e in revoked} == {"password_change"} and len(revoked) == 2
+    # The change itself is recorded first, naming the session that made it, in the same script.
+    changed = [e for e in evs if e.type == "password_changed"]
+    assert [e.type for e in evs[:3]] == ["register", "login", "login"]
+    this_ref = evs[1].session  # the browser that changed it (registered, so signed in first)
+    assert [(e.user, e.reason, e.session, e.actor) for e in changed] == [("pw@example.com", "user", this_ref, None)]
+    assert evs.index(changed[0]) < min(evs.index(e) for e in revoked)
     assert (await new_browser().login("pw@example.com")).code == 401
     assert (await new_browser().login("pw@example.com", NEW_PASSWORD)).code == 303
 

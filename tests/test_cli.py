@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import http.cookiejar
+import json
 import signal
 import subprocess
 import sys
@@ -46,7 +49,9 @@ def test_create_user_and_serve_on_the_embedded_redis(tmp_path: Path) -> None:
 
     assert site.stop(signal.SIGTERM) == 0
     assert wait_until(lambda: not alive(pid))
-    assert "stopped" in site.output()
+    out = site.output()
+    assert "stopped" in out
+    assert "no admin account yet" not in out  # there is one
 
 
 def test_crashed_site_leaves_no_orphan_redis(tmp_path: Path) -> None:
@@ -108,6 +113,112 @@ def test_warns_about_a_redis_that_would_lose_data(tmp_path: Path) -> None:
         out = site.output()
     assert "maxmemory-policy is 'allkeys-lru', not 'noeviction'" in out
     assert "persistence is off" in out
+
+
+class Visitor:
+    """A browser for subprocess tests: a cookie jar (cookies go to every port of 127.0.0.1) and the XSRF field."""
+
+    def __init__(self) -> None:
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, url: str) -> tuple[int, str, str]:
+        """(status, final URL, body) after redirects."""
+        try:
+            with self.opener.open(url, timeout=10) as r:
+                return r.status, r.geturl(), r.read().decode()
+        except urllib.error.HTTPError as e:
+            with e:
+                return e.code, url, e.read().decode()
+
+    def post(self, url: str, fields: dict[str, str]) -> tuple[int, str, str]:
+        if not any(c.name == "_xsrf" for c in self.jar):
+            self.get(url.rsplit("/", 1)[0] + "/login")
+        xsrf = next(c.value for c in self.jar if c.name == "_xsrf")
+        body = urllib.parse.urlencode({**fields, "_xsrf": xsrf}).encode()
+        try:
+            with self.opener.open(url, data=body, timeout=10) as r:
+                return r.status, r.geturl(), r.read().decode()
+        except urllib.error.HTTPError as e:
+            with e:
+                return e.code, url, e.read().decode()
+
+
+def test_commands_work_beside_a_running_site(tmp_path: Path) -> None:
+    site = Site(tmp_path)  # the embedded Redis, on this data dir
+    try:
+        assert wait_until(lambda: "no admin account yet" in site.log.read_text())
+        assert "create-user --email=you@example.com --admin --data-dir=" in site.log.read_text()
+        made = run("create-user", "--email=boss@example.com", "--admin", f"--data-dir={tmp_path}",
+                   stdin=PASSWORD + "\n")
+        assert made.returncode == 0, made.stderr
+        linked = run("reset-password", "--email=Boss@Example.com", f"--data-dir={tmp_path}",
+                     PUBLIC_URL=site.url)
+        assert linked.returncode == 0, linked.stderr
+        link = linked.stdout.strip()
+        assert link.startswith(site.url + "/password/reset/") and len(link.rsplit("/", 1)[1]) == 43
+        visitor = Visitor()
+        status, _, body = visitor.get(link)
+        assert status == 200 and "boss@example.com" in body
+        new_password = "another long passphrase entirely"
+        status, final, body = visitor.post(link, {"password": new_password, "password_confirm": new_password})
+        assert status == 200 and final == site.url + "/login" and "Your password has been changed" in body
+        status, final, _ = visitor.post(site.url + "/login", {"email": "boss@example.com", "password": new_password})
+        assert final == site.url + "/account"
+        unknown = run("reset-password", "--email=nobody@example.com", f"--data-dir={tmp_path}")
+        assert unknown.returncode == 2 and "no account with nobody@example.com" in unknown.stderr
+        verified = run("audit", "verify", f"--data-dir={tmp_path}")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "password_reset_requested: 1" in verified.stdout and "password_changed: 1" in verified.stdout
+        # Still only one site per data dir.
+        second = subprocess.run([sys.executable, SERVER, f"--port={free_port()}", f"--data-dir={tmp_path}"],
+                                env=env(), capture_output=True, text=True, timeout=30)
+        assert second.returncode == 2 and "in use by another running site" in second.stderr
+    finally:
+        assert site.stop() == 0
+    # With the site gone, a command starts (and stops) the embedded Redis itself, as before.
+    again = run("reset-password", "--email=boss@example.com", f"--data-dir={tmp_path}", "--log-format=json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["link"].startswith("http://127.0.0.1:8888/password/reset/")
+    assert wait_until(lambda: not alive(redis_pid(tmp_path) or 0))
+
+
+def account_status(site: Site, sid: str) -> int:
+    """The status of GET /account with this session cookie (200, or 302 to the login page)."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10)
+    try:
+        conn.request("GET", "/account", headers={"Cookie": f"sid={sid}"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_processes_sharing_only_cookie_secret_share_sessions(tmp_path: Path, redis_url: str) -> None:
+    """Two processes, one Redis, different data dirs: COOKIE_SECRET is all they need to share."""
+    secret = "one-secret-shared-by-every-process-0123"
+    dirs = [tmp_path / name for name in ("a", "b", "legacy")]
+    for d in dirs:
+        d.mkdir()
+    (dirs[2] / "session_secret").write_text("what an earlier version generated\n")  # an upgraded install
+    sites = [Site(d, f"--redis-url={redis_url}", COOKIE_SECRET=secret) for d in dirs]
+    try:
+        a, b, legacy = sites
+        visitor = Visitor()
+        _, final, _ = visitor.post(a.url + "/register", {"email": "ann@example.com", "password": PASSWORD,
+                                                              "password_confirm": PASSWORD})
+        assert final == a.url + "/account"
+        sid = next(c.value for c in visitor.jar if c.name == "sid")
+        assert account_status(a, sid) == account_status(b, sid) == 200  # B knows A's session
+        # The legacy file still names sessions its own way (so an upgrade logs no one out), and says so.
+        assert account_status(legacy, sid) == 302
+        assert "sessions are named with the secret from" in legacy.log.read_text()
+        assert "sessions are named with" not in a.log.read_text()
+        # Logging out on B ends the session for A too.
+        visitor.post(b.url + "/logout", {})
+        assert account_status(a, sid) == 302
+    finally:
+        for site in sites:
+            assert site.stop() == 0
 
 
 def _login(url: str, email: str) -> Any:

@@ -10,25 +10,28 @@ from typing import Any
 
 import jinja2
 import redis.asyncio as aioredis
+import tornado
+import tornado.httputil
 import tornado.web
 
 from . import events, views
+from .accesslog import AccessLog
 from .audit import AuditLog
 from .config import Settings
 from .factors import FactorStore
-from .handlers import account, admin, auth, public, security
+from .handlers import account, admin, auth, public, reset, security
 from .live import LiveHub
+from .mail import Mailer
 from .metrics import Metrics, method_label
 from .passkeys import PasskeyStore
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
+from .resets import ResetStore
 from .seal import SealKeys, SealService
 from .sessions import SessionStore
 from .stats import Stats
 from .throttle import Throttle
 from .users import UserStore
-
-access_log = logging.getLogger("sessionaudit.access")
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
@@ -42,6 +45,7 @@ class Context:
         self.redis = redis
         self.clock = clock
         self.metrics = Metrics()
+        self.access = AccessLog()  # serve points it at the log stream
         # Warnings an anonymous flood could repeat (forged forms, throttled logins): once per 10 s per kind.
         self.security = RateLimitedLog(logging.getLogger("sessionaudit.security"))
         count = self.metrics.event
@@ -57,6 +61,8 @@ class Context:
         self.live = LiveHub(redis, max_followers=settings.max_followers, on_change=self.metrics.followers.set,
                             allowed=self.sessions.live_admins, recheck=settings.live_recheck)
         self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
+        self.resets = ResetStore(redis, settings, clock, count)
+        self.mailer = Mailer(settings, count=self.metrics.mail_result, pending=self.metrics.mail_queue.set)
         # Seals the trail (while this process holds the lease) and verifies it; started by `serve`, which
         # also gives it the copy outside Redis. Background passes slow down while requests are served.
         self.seals = SealService(redis, SealKeys.from_settings(settings), clock,
@@ -71,13 +77,25 @@ class Context:
             undefined=jinja2.StrictUndefined if settings.debug else jinja2.Undefined,
         )
         self.jinja.filters.update(views.FILTERS)
+        self.jinja.filters["static"] = self.static_url
         self.jinja.globals.update(ago=views.ago, labels=events.LABELS)
         # The signed cookie has its own expiry check; the session's lifetime is the real limit.
         self.cookie_max_age_days = max(1, settings.session_lifetime // 86400 + 1)
         self.in_flight = 0
         self.static_urls: dict[str, str] = {}  # versioned URLs of static files, filled on first use
+        self.pages: dict[str, bytes] = {}  # pages that are the same for every anonymous visitor
+        # Session cookies whose signature has been checked: value -> (session id, key version, timestamp).
+        self.verified_cookies: dict[str, tuple[str, int | None, int]] = {}
         self._idle: asyncio.Event | None = None
         self.append_only = False
+
+    def static_url(self, path: str) -> str:
+        """A static file's versioned URL (``{{ 'site.css'|static }}``), worked out once per process."""
+        url = self.static_urls.get(path)
+        if url is None:
+            settings = {"static_path": self.settings.static_path, "static_url_prefix": "/static/"}
+            url = self.static_urls[path] = tornado.web.StaticFileHandler.make_static_url(settings, path)
+        return url
 
     def request_done(self) -> None:
         self.in_flight -= 1
@@ -101,6 +119,18 @@ class Context:
 class Application(tornado.web.Application):
     ctx: Context
     csp: str
+    security_headers: tuple[tuple[str, str], ...]
+    _headers_second = -1
+    _headers: dict[str, str]
+
+    def response_headers(self) -> dict[str, str]:
+        """The headers every response starts with (Tornado's, then ours), the date made once a second."""
+        now = int(time.time())
+        if now != self._headers_second:
+            self._headers = {"Server": f"TornadoServer/{tornado.version}", "Content-Type": "text/html; charset=UTF-8",
+                             "Date": tornado.httputil.format_timestamp(now), **dict(self.security_headers)}
+            self._headers_second = now
+        return self._headers
 
 
 def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], float] = time.time) -> Application:
@@ -144,6 +174,10 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
         (r"/admin/users/([0-9]+)/revoke", admin.AdminRevokeAllHandler),
         (r"/admin/users/([0-9]+)/mfa/reset", admin.MfaResetHandler),
         (r"/admin/users/([0-9]+)/(admin|disable|enable|unadmin)", admin.UserFlagHandler),
+        (r"/admin/users/([0-9]+)/reset", admin.AdminSendResetHandler),
+        (r"/password/forgot", reset.ForgotHandler),
+        # Any path under it, so that no mistyped or cut link is ever logged as it came (see ResetHandler).
+        (r"/password/reset/(.*)", reset.ResetHandler),
         (r"/(favicon\.ico)", tornado.web.StaticFileHandler, {"path": settings.static_path}),
     ]
     app = Application(
@@ -164,6 +198,9 @@ def make_app(settings: Settings, redis: aioredis.Redis, clock: Callable[[], floa
     )
     app.ctx = ctx
     app.csp = CSP
+    app.security_headers = (("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff"),
+                            ("Referrer-Policy", "same-origin"), ("X-Frame-Options", "DENY"),
+                            ("Cache-Control", "no-store"))
     return app
 
 
@@ -173,14 +210,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     status = handler.get_status()
     seconds = handler.request.request_time()
     route = getattr(handler, "route_name", None) or type(handler).__name__.removesuffix("Handler")
-    ctx.metrics.request(route, handler.request.method or "", status, seconds)
+    method = method_label(handler.request.method)
+    ctx.metrics.request(route, method, status, seconds)
     current = getattr(handler, "current", None)
-    level = logging.INFO if status < 500 else logging.ERROR
-    if status >= 500 or access_log.isEnabledFor(logging.INFO):
-        method = method_label(handler.request.method)
-        access_log.log(level, "%s %s %s %d %.1fms user=%s", getattr(handler, "request_id", "-"),
-                       method, handler.request.path, status, seconds * 1000,
-                       current.uid if current else "-",
-                       extra={"request_id": getattr(handler, "request_id", None), "method": method,
-                              "route": route, "path": handler.request.path, "status": status,
-                              "duration_ms": round(seconds * 1000, 2), "user": current.uid if current else None})
+    ctx.access.line(getattr(handler, "request_id", "-"), method, handler.request.path, status, seconds,
+                    current.uid if current else None, route)

@@ -1,4 +1,4 @@
-"""The command line: serve (default), create-user, audit verify|trim.
+"""The command line: serve (default), create-user, reset-password, audit verify|trim.
 
 The only module that touches argv, the environment, stdin, signals and the process's logging.
 Precedence of option values, lowest first: default, ``--config`` file, environment, command line.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
+import io
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ from .redis_server import RedisServer, RedisServerError
 
 log = logging.getLogger("sessionaudit")
 
-COMMANDS = ("serve", "create-user", "audit")
+COMMANDS = ("serve", "create-user", "reset-password", "audit")
 SHUTDOWN_GRACE = 10.0  # seconds to let requests in flight finish
 
 
@@ -42,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="server.py",
         description="Accounts with Redis sessions and an audited session trail.",
         epilog="Every option also reads the environment variable named in brackets; the command line wins "
-               "over the environment, the environment over --config. COOKIE_SECRET and SESSION_SECRET "
-               "are read from the environment only (else generated into --data-dir).",
+               "over the environment, the environment over --config. COOKIE_SECRET is read from the "
+               "environment only (else generated into --data-dir); every other key is derived from it, "
+               "unless SESSION_SECRET (environment only) is set. The commands work beside a server running "
+               "on the embedded Redis with the same --data-dir.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", nargs="?", default="serve", choices=COMMANDS,
-                        help="serve (default), create-user, or audit")
+                        help="serve (default), create-user, reset-password, or audit")
     parser.add_argument("action", nargs="?", choices=("verify", "trim"), help="for audit: verify or trim")
     for f in config.cli_fields():
         flag = "--" + f.name.replace("_", "-")
@@ -56,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
-    parser.add_argument("--email", help="for create-user: the account's email")
+    parser.add_argument("--email", help="for create-user and reset-password: the account's email")
     parser.add_argument("--admin", action="store_true", help="for create-user: make the account an admin")
     parser.add_argument("--file", metavar="EXPORT.ndjson",
                         help="for audit verify: check an export made with seals (/admin/audit.ndjson?seals=1) "
@@ -131,6 +135,14 @@ class LogHandler(logging.StreamHandler):
             self.flush_now()
 
 
+def _log_stream_write() -> Any:
+    """The ``write`` of the stream the log handler writes to (for access lines), if logging is set up."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogHandler):
+            return handler.stream.write
+    return None
+
+
 def flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, LogHandler):
@@ -145,7 +157,14 @@ def setup_logging(settings: Settings) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging.logAsyncioTasks = False  # type: ignore[attr-defined]
-    handler = LogHandler(sys.stderr)
+    # stderr is line-buffered (a write system call per line, so per request): the log gets a stream
+    # of its own on the same file, block-buffered, which LogHandler flushes as its docstring says.
+    try:
+        stream: Any = io.TextIOWrapper(open(sys.stderr.fileno(), "wb", buffering=1 << 16, closefd=False),
+                                       encoding="utf-8", errors="backslashreplace")
+    except (AttributeError, OSError, ValueError):  # no real stderr (embedded, captured)
+        stream = sys.stderr
+    handler = LogHandler(stream)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -171,12 +190,14 @@ def redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
     )
 
 
-def start_embedded(settings: Settings) -> tuple[str, RedisServer | None]:
+def start_embedded(settings: Settings, *, join: bool = False) -> tuple[str, RedisServer | None]:
+    """The Redis to use: ``--redis-url``, else the embedded server (started here, or with ``join``
+    the one of a site already running on this data dir)."""
     if settings.redis_url:
         return settings.redis_url, None
     server = RedisServer.embedded(settings.data_dir)
     try:
-        server.start()
+        server.start(join=join)
     except RedisServerError as e:
         raise UsageError(f"cannot start the embedded Redis: {e}") from None
     return server.url, server
@@ -240,6 +261,7 @@ async def serve(settings: Settings, url: str) -> None:
         log.info("audit trail: this Redis user may trim it; the sweeper applies the %d-day retention",
                  settings.audit_retention_days)
     app = make_app(settings, client)
+    app.ctx.access.configure(_log_stream_write(), json=settings.log_format == "json")
     app.ctx.append_only = mode == acl.APPEND_ONLY
     ctx = app.ctx
     try:  # re-sealed under the newest COOKIE_SECRET now, so that an older version can be dropped later
@@ -248,6 +270,11 @@ async def serve(settings: Settings, url: str) -> None:
         pass  # loaded at first use
     except DataKeyLost as e:
         log.error("%s", e)
+    log_mail_setup(settings, ctx.mailer)
+    with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        if not await ctx.users.any_admin():
+            log.warning("no admin account yet: create one beside this server with `%s create-user "
+                        "--email=you@example.com --admin%s`", _this_command(), _same_redis(settings))
     server = tornado.httpserver.HTTPServer(app, xheaders=settings.xheaders, max_body_size=1024 * 1024,
                                           idle_connection_timeout=60, body_timeout=30)
     try:
@@ -291,11 +318,44 @@ async def serve(settings: Settings, url: str) -> None:
         log.warning("closing connections that did not finish in time")
     await sweeper.stop()
     await ctx.seals.stop()
+    await ctx.mailer.stop()  # what the mail server has not taken yet is kept in the outbox
     ctx.close()
     await client.aclose()
     flusher.stop()
     log.info("stopped")
     flush_logs()
+
+
+def log_mail_setup(settings: Settings, mailer: Any) -> None:
+    """Say at start where mail goes, and where its links point."""
+    target = mailer.target
+    if target is None:
+        log.info("mail: no --smtp-url, so each message is written to %s/ (links to %s)", mailer.outbox.resolve(),
+                 settings.origin)
+        return
+    log.info("mail: %s, from %s (links to %s)", target.safe_url, settings.sender, settings.origin)
+    if target.password and not (target.use_tls or target.start_tls) and target.host not in ("localhost", "127.0.0.1",
+                                                                                         "::1"):
+        log.warning("mail: the SMTP password would cross the network in clear; use smtps:// or ?starttls=1")
+    if not settings.public_url:
+        log.warning("mail: no --public-url: links in mail point to %s, which may not be how people reach the site",
+                    settings.origin)
+
+
+def _this_command() -> str:
+    """How this server was started (``.venv/bin/python server.py``), to show a command to run beside it."""
+    python = os.path.relpath(sys.executable)
+    if python.startswith(".."):
+        python = sys.executable
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("server.py") else "server.py"
+    return f"{python} {script}"
+
+
+def _same_redis(settings: Settings) -> str:
+    """The options a command needs to reach this server's Redis (never the URL itself: it may hold a password)."""
+    if settings.redis_url:
+        return " and the same --redis-url"
+    return "" if settings.data_dir == "var" else f" --data-dir={settings.data_dir}"
 
 
 def _safe_url(url: str) -> str:
@@ -342,6 +402,33 @@ async def create_user(settings: Settings, url: str, email_raw: str, admin: bool,
         return uid
     finally:
         passwords.close()
+        await client.aclose()
+
+
+# -- reset-password -----------------------------------------------------------------------
+
+async def reset_password(settings: Settings, url: str, email_raw: str) -> str:
+    """A one-time reset link for an account, for sites without mail; recorded like any reset request."""
+    from .resets import ResetStore
+    from .users import InvalidEmail, UserStore, normalize_email
+
+    try:
+        email = normalize_email(email_raw)
+    except InvalidEmail as e:
+        raise UsageError(f"invalid email: {e}") from None
+    client = redis_client(url)
+    try:
+        user = await UserStore(client, time.time).get_by_email(email)
+        if user is None:
+            raise UsageError(f"no account with {email}")
+        if user.disabled:
+            raise UsageError(f"the account {email} is disabled: enable it first (on its admin page)")
+        resets = ResetStore(client, settings, time.time)
+        asked = await resets.request(email, ip="", user_agent="server.py reset-password", throttled=False)
+        if asked.token is None:  # disabled or removed in between
+            raise UsageError(f"no enabled account with {email}")
+        return resets.link(asked.token)
+    finally:
         await client.aclose()
 
 
@@ -495,8 +582,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         setup_logging(settings)
         if ns.command == "audit" and not ns.action:
             raise UsageError("audit needs an action: verify or trim")
-        if ns.command == "create-user" and not ns.email:
-            raise UsageError("create-user needs --email")
+        if ns.command in ("create-user", "reset-password") and not ns.email:
+            raise UsageError(f"{ns.command} needs --email")
         try:
             if ns.command == "serve":
                 settings = config.load_secrets(settings)
@@ -524,17 +611,27 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
 def _run(ns: argparse.Namespace, settings: Settings) -> int:
     if ns.file:
         return verify_file_command(ns.file, settings)  # offline: no Redis
-    url, embedded = start_embedded(settings)
+    # Asked before Redis starts, so a prompt never holds the data dir while someone types.
+    password = read_password(sys.stdin) if ns.command == "create-user" else ""
+    # Commands use the Redis of a site running on this data dir; a second site is refused.
+    url, embedded = start_embedded(settings, join=ns.command != "serve")
     try:
         if ns.command == "serve":
             _event_loop_policy()
             asyncio.run(serve(settings, url))
             return 0
         if ns.command == "create-user":
-            password = read_password(sys.stdin)
             uid = asyncio.run(create_user(settings, url, ns.email, ns.admin, password))
             say(settings, f"created user {uid} ({'admin' if ns.admin else 'not admin'})", created_user=uid,
                 admin=ns.admin)
+            return 0
+        if ns.command == "reset-password":
+            link = asyncio.run(reset_password(settings, url, ns.email))
+            if settings.log_format == "json":
+                say(settings, "a one-time reset link (30 minutes)", link=link)
+            else:
+                print(link)
+                print("One-time link, valid for 30 minutes; asking again replaces it.", file=sys.stderr)
             return 0
         return asyncio.run(audit_command(url, ns.action, settings))
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import ast
 import base64
 import dataclasses
+import email.utils
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import urllib.parse
@@ -21,9 +23,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def opt(default: Any, help: str, *, flag: bool = False, cli: bool = True) -> Any:
-    """A settings field with its help text; ``flag`` options take no value on the command line."""
-    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli})
+def opt(default: Any, help: str, *, flag: bool = False, cli: bool = True, secret: bool = False) -> Any:
+    """A settings field with its help text; ``flag`` options take no value on the command line;
+    a ``secret`` one (it may hold a password) is left out of the settings' repr."""
+    return field(default=default, repr=not secret, metadata={"help": help, "flag": flag, "cli": cli})
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ class Settings:
     config: str = opt("", "file of `name = value` lines read before the environment and command line")
     public_url: str = opt("", "the site's origin as people reach it (https://host[:port]): links in mail, the passkey "
                               "relying party; never taken from a request's Host header (default http://ADDRESS:PORT)")
+    smtp_url: str = opt("", "mail server: smtp://[user:pass@]host:port (?starttls=1 to require STARTTLS) or "
+                            "smtps://... (TLS); empty: every message is written to <data-dir>/outbox/ instead",
+                        secret=True)
+    mail_from: str = opt("", "From address of the site's mail (default: Session Audit <no-reply@HOST of the "
+                             "public URL>)")
     # Not options: filled in by load_secrets() or by tests.
     cookie_secret: dict[int, str] = field(default_factory=dict, metadata={"cli": False})
     # Set on its own (SESSION_SECRET, or the file of an earlier version): else derived from COOKIE_SECRET.
@@ -104,10 +112,31 @@ class Settings:
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
                 raise ValueError(f"public_url must be an origin like https://example.com, not {self.public_url!r}")
 
+        if self.smtp_url:
+            smtp_target(self.smtp_url)  # raises ValueError with the reason
+        if self.mail_from:
+            _, address = email.utils.parseaddr(self.mail_from)
+            if "@" not in address or any(c in self.mail_from for c in "\r\n"):
+                raise ValueError(f"mail_from must be an address like 'Site <no-reply@example.com>', "
+                                 f"not {self.mail_from!r}")
+
     @property
     def origin(self) -> str:
         """``public_url`` without a trailing slash, or ``http://<address>:<port>``."""
         return self.public_url.rstrip("/") or f"http://{self.address}:{self.port}"
+
+    @property
+    def sender(self) -> str:
+        """``mail_from``, or ``Session Audit <no-reply@HOST>`` with the host of the public URL."""
+        if self.mail_from:
+            return self.mail_from
+        host = urllib.parse.urlsplit(self.origin).hostname or "localhost"
+        try:
+            ipaddress.ip_address(host)
+            host = "localhost"  # an address is no mail domain
+        except ValueError:
+            pass
+        return f"Session Audit <no-reply@{host}>"
 
     @property
     def hash_threads(self) -> int:
@@ -132,6 +161,50 @@ class Settings:
 
 
 SESSION_KEY_LABEL = "sessionaudit session ref"
+
+
+@dataclass(frozen=True)
+class SmtpTarget:
+    """Where and how to hand mail over, from ``--smtp-url``."""
+
+    host: str
+    port: int
+    username: str = ""
+    password: str = dataclasses.field(default="", repr=False)  # never printed, logged or shown
+    use_tls: bool = False  # smtps://: TLS from the first byte
+    start_tls: bool = False  # ?starttls=1: upgrade the plain connection, or fail
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without the password, for logs."""
+        scheme = "smtps" if self.use_tls else "smtp"
+        user = f"{self.username}:***@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}" + ("?starttls=1" if self.start_tls else "")
+
+
+def smtp_target(url: str) -> SmtpTarget:
+    """Parse ``smtp://[user:pass@]host[:port][?starttls=1]`` or ``smtps://...``; raise ValueError otherwise.
+
+    Ports default to 25 (smtp), 587 (smtp with STARTTLS) and 465 (smtps). User and password are
+    percent-decoded, so a password may hold any character.
+    """
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname or port == -1 or parts.path.strip("/") \
+            or set(query) - {"starttls"} or query.get("starttls", ["0"])[-1] not in ("0", "1"):
+        # The URL may hold a password: the message names the expected form, never the value.
+        raise ValueError("smtp_url must look like smtp://[user:pass@]host:port[?starttls=1] or smtps://...")
+    use_tls = parts.scheme == "smtps"
+    start_tls = query.get("starttls", ["0"])[-1] == "1"
+    if use_tls and start_tls:
+        raise ValueError("smtp_url: smtps:// is TLS already; ?starttls=1 is for smtp://")
+    return SmtpTarget(host=parts.hostname, port=port or (465 if use_tls else 587 if start_tls else 25),
+                      username=urllib.parse.unquote(parts.username or ""),
+                      password=urllib.parse.unquote(parts.password or ""), use_tls=use_tls, start_tls=start_tls)
 
 
 def hkdf(secret: bytes, label: str, length: int = 32) -> bytes:

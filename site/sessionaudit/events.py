@@ -52,6 +52,7 @@ REASONS = {
     PASSWORD_CHANGED: (BY_USER, BY_RESET),
     MFA_DISABLED: (BY_USER, BY_ADMIN),
     REGISTER_FAILED: (TAKEN, INVALID, WEAK_PASSWORD, THROTTLED),
+    PASSWORD_RESET_REQUESTED: (THROTTLED,),  # else none: a request that was answered
     LOCKED_OUT: ("account", "address", "device"),
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # The methods a request can be counted under; any other name is counted as "other", so made-up
@@ -44,6 +46,14 @@ class Metrics:
         self.hash_seconds = Histogram("sessionaudit_argon2_seconds", "Time of one argon2 hash or verify",
                                       registry=r, buckets=(.01, .025, .05, .1, .2, .4, .8, 1.6))
         self.followers = Gauge("sessionaudit_live_followers", "Admins following the audit trail", registry=r)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.mail = Counter("sessionaudit_mail", "Mail by result: sent (to the SMTP server), written (to the outbox, "
+                            "no SMTP server), retry (a temporary failure), kept (not deliverable: left in the outbox), "
+                            "dropped (queue full)", ["result"], registry=r)
+        for result in ("sent", "written", "retry", "kept", "dropped"):
+            self.mail.labels(result)  # every series from the start, so a rate() sees the first failure
+        self.mail_queue = Gauge("sessionaudit_mail_queue", "Mail waiting to be delivered (queued or between tries)",
+                                registry=r)
         self.seal_failed = Gauge("sessionaudit_audit_verification_failed",
                                  "1 when this process found the audit trail not what was sealed (see its ERROR log "
                                  "line and the admin pages), else 0", registry=r)
@@ -67,6 +77,9 @@ class Metrics:
 
     def login(self, result: str) -> None:
         self.logins.labels(result).inc()
+
+    def mail_result(self, result: str) -> None:
+        self.mail.labels(result).inc()
 
     def event(self, kind: str, n: int = 1) -> None:
         self.events.labels(kind).inc(n)
@@ -97,5 +110,11 @@ class Metrics:
             self.verified_through.set(verified_through)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method_label(method), str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        """Count a request. Each series' child is looked up once (routes, methods and statuses are few)."""
+        key = (route, method_label(method), status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(key[0], key[1], str(status)),
+                                              self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)

@@ -68,6 +68,7 @@ class RedisServer:
         self.workdir = workdir
         self.lock_path = lock_path
         self.process: subprocess.Popen[bytes] | None = None
+        self.joined = False  # True when start(join=True) found a running site's server and uses it
         self._lock_fd: int | None = None
 
     @classmethod
@@ -90,11 +91,22 @@ class RedisServer:
                 "--dir", str(workdir), "--maxmemory-policy", "noeviction", *(extra or [])]
         return cls(args, f"redis://127.0.0.1:{port}/0", Path(workdir))
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start the server and return once it answers PING."""
+    def start(self, timeout: float = 10.0, *, join: bool = False) -> RedisServer:
+        """Start the server and return once it answers PING.
+
+        The embedded server belongs to the one site holding the data dir's lock: a second site
+        there is refused. With ``join`` (the commands: create-user, reset-password, audit), a
+        running site's server is used as it is instead: ``joined`` is then True and ``stop``
+        leaves that server alone.
+        """
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.lock_path:
-            self._take_lock()
+            if not self._take_lock():
+                if join:
+                    return self._join(timeout)
+                raise RedisServerError(
+                    f"{self.workdir} is in use by another running site; give each its own --data-dir "
+                    "or share one Redis with --redis-url")
             self._stop_stale()
         self.process = subprocess.Popen(
             [find_redis_server(), *self.args],
@@ -151,16 +163,27 @@ class RedisServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _take_lock(self) -> None:
+    def _take_lock(self) -> bool:
+        """Take the data dir's lock; False when a running site holds it."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RedisServerError(
-                f"{self.workdir} is in use by another running site; give each its own --data-dir "
-                "or share one Redis with --redis-url") from None
+            return False
         self._lock_fd = fd
+        return True
+
+    def _join(self, timeout: float) -> RedisServer:
+        """Use the server of the site that holds the lock, once it answers (it may be starting)."""
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if time.monotonic() >= deadline:
+                raise RedisServerError(f"a site is running on {self.workdir}, but its Redis does not answer at "
+                                       f"{self.url}")
+            time.sleep(0.05)
+        self.joined = True
+        return self
 
     def _stop_stale(self) -> None:
         # We hold the lock, so no live site owns this directory: a redis-server still named

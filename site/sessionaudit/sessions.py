@@ -14,6 +14,7 @@ Deadlines are enforced by the scripts against the ``now`` they are given, never 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -173,29 +174,43 @@ drop_session(ref, uid, ref)
 return 'ended'
 """
 
-# End every session of a user but one: revoked with a reason. Optionally also set a user field
-# (password hash, disabled flag) in the same script, so the change and the endings are one.
-# ARGV: now, uid, reason, actor, ip, ua, keep_ref, field, value
+# Lua: revoke every live session of a user but ``keep`` (with the reason, actor, address and user agent
+# of the request that ends them); one already past its deadline is recorded as expired instead.
+# Returns how many were revoked. Included by END_ALL and by the password reset (resets.py).
+END_SESSIONS = r"""
+local function end_sessions(now, uid, email, reason, actor, ip, ua, keep)
+  local ended = 0
+  for _, ref in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
+    if ref ~= keep then
+      local deadline = deadline_of(ref)
+      if not deadline then
+        redis.call('SREM', 'sa:us:' .. uid, ref)
+      elseif now >= deadline then
+        expire_member(now, ref, deadline)
+      else
+        emit(now, {t = 'revoked', u = uid, e = email, s = ref, r = reason, c = actor, i = ip, g = ua})
+        drop_session(ref, uid, ref)
+        ended = ended + 1
+      end
+    end
+  end
+  return ended
+end
+"""
+
+# End every session of a user but one: revoked with a reason. Optionally record first the event that
+# caused it (password_changed, with its reason and the session that made the change) and set a user
+# field (password hash, disabled flag), in the same script, so the change and the endings are one.
+# ARGV: now, uid, reason, actor, ip, ua, keep_ref, field, value, cause type, cause reason, cause session
 # Returns the number of sessions ended (expired ones are recorded as expired, not counted).
-END_ALL = r"""
+END_ALL = END_SESSIONS + r"""
 local now, uid = tonumber(ARGV[1]), ARGV[2]
 local email = redis.call('HGET', 'sa:user:' .. uid, 'email')
 if not email then return -1 end
-local ended = 0
-for _, ref in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
-  if ref ~= ARGV[7] then
-    local deadline = deadline_of(ref)
-    if not deadline then
-      redis.call('SREM', 'sa:us:' .. uid, ref)
-    elseif now >= deadline then
-      expire_member(now, ref, deadline)
-    else
-      emit(now, {t = 'revoked', u = uid, e = email, s = ref, r = ARGV[3], c = ARGV[4], i = ARGV[5], g = ARGV[6]})
-      drop_session(ref, uid, ref)
-      ended = ended + 1
-    end
-  end
+if ARGV[10] ~= '' then
+  emit(now, {t = ARGV[10], u = uid, e = email, s = ARGV[12], r = ARGV[11], i = ARGV[5], g = ARGV[6]})
 end
+local ended = end_sessions(now, uid, email, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 if ARGV[8] ~= '' then redis.call('HSET', 'sa:user:' .. uid, ARGV[8], ARGV[9]) end
 return ended
 """
@@ -297,6 +312,22 @@ def browser_key(user_agent: str) -> str:
     return _VERSIONS.sub("#", user_agent)
 
 
+@functools.lru_cache(maxsize=4096)
+def pair(ip: str, user_agent: str) -> int:
+    """Digests of an address and a browser, as one number: address * 2^26 + browser.
+
+    26 bits of a hash each (a change goes unseen once in 67 million; the address itself is in the
+    login event anyway, so the digest needs no key). An IPv6 address counts by its /64 network,
+    whose host part privacy extensions change every day; a browser by its user agent without
+    version numbers, so that an update is not a change of browser. Cached: a session's requests
+    repeat the same pair.
+    """
+    def digest(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest()) >> 6
+
+    return digest(address_key(ip)) * 2**26 + digest(browser_key(user_agent))
+
+
 def _text(value: bytes | str | None) -> str:
     if value is None:
         return ""
@@ -370,18 +401,10 @@ class SessionStore:
         return session_id, ref, [ref, uid, self.idle_ms, self.lifetime_ms, self.slack_ms, ip, user_agent, old_ref,
                                  new_hash, old_hash, email_key, method, device or "", self.pair(ip, user_agent)]
 
-    def pair(self, ip: str, user_agent: str) -> int:
-        """Digests of a request's address and browser, as one number: address * 2^26 + browser.
-
-        26 bits of a hash each (a change goes unseen once in 67 million; the address itself is in
-        the login event anyway, so the digest needs no key). An IPv6 address counts by its /64
-        network, whose host part privacy extensions change every day; a browser by its user agent
-        without version numbers, so that an update is not a change of browser.
-        """
-        def digest(text: str) -> int:
-            return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest()) >> 6
-
-        return digest(address_key(ip)) * 2**26 + digest(browser_key(user_agent))
+    @staticmethod
+    def pair(ip: str, user_agent: str) -> int:
+        """Digests of a request's address and browser, as one number: address * 2^26 + browser (see ``pair``)."""
+        return pair(ip, user_agent)
 
     async def load(self, ref: str, *, ip: str = "", user_agent: str = "",
                    with_sessions: bool = False) -> Current | None:
@@ -423,13 +446,19 @@ class SessionStore:
         return result or None
 
     async def end_all(self, uid: str, reason: str, *, actor: str = "", ip: str = "", user_agent: str = "",
-                      keep: str = "", set_field: str = "", set_value: str = "") -> int:
+                      keep: str = "", set_field: str = "", set_value: str = "",
+                      cause: tuple[str, str] | None = None, session: str = "") -> int:
         """Revoke every session of ``uid`` except ``keep``; optionally set a user field in the same step.
 
-        Returns how many were revoked, or -1 when there is no such user.
+        ``cause`` (type, reason), e.g. (password_changed, user), is recorded first, in the same
+        script, naming ``session`` (the session that made the change). Returns how many were
+        revoked, or -1 when there is no such user.
         """
+        kind, why = cause or ("", "")
         ended = int(await self.scripts.end_all(args=[
-            self.now_ms(), uid, reason, actor, ip, user_agent, keep, set_field, set_value]))
+            self.now_ms(), uid, reason, actor, ip, user_agent, keep, set_field, set_value, kind, why, session]))
+        if ended >= 0 and kind:
+            self.count(kind, 1)
         if ended > 0:
             self.count(events.REVOKED, ended)
         return ended

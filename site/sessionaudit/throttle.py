@@ -54,19 +54,40 @@ SUMMARY_KEEP_MS = 7 * 86_400_000  # a pending summary outlives its window by thi
 # u uid, e email, i ip, g user agent, r reason, s session), their user agents in the HyperLogLog '<key>:h', and
 # the key in sa:f:due (scored by w) so that the sweeper records the last window of a flood.
 LUA = r"""
+-- How long the key makes an attempt wait (ms), its backoff window (ms), and its count.
 local function throttle_wait(key, threshold, base, cap, now)
   local f = redis.call('HMGET', key, 'n', 't')
   local n = tonumber(f[1])
-  if not n or n < threshold then return 0, 0 end
+  if not n or n < threshold then return 0, 0, n or 0 end
   local delay = math.min(base * 2 ^ (n - threshold), cap)
-  return math.max(0, tonumber(f[2]) + delay - now), delay
+  return math.max(0, tonumber(f[2]) + delay - now), delay, n
+end
+
+-- An attempt let through by a key at its threshold takes the key's next window at once, so that
+-- attempts arriving together when a wait ends get one try between them, not one each.
+local function throttle_claim(key, threshold, base, cap, now)
+  local wait, delay, n = throttle_wait(key, threshold, base, cap, now)
+  if wait == 0 and n >= threshold then redis.call('HSET', key, 't', string.format('%.0f', now)) end
+  return wait, delay
 end
 
 -- A failure: one more for the key, for `window` ms. Returns the new count.
+-- Keys of a kind (sa:f:<kind>:...) are listed in sa:f:ix:<kind> by their last failure; past
+-- 20,000 live keys of a kind, the one whose last failure is oldest goes: a flood of ever new
+-- emails or addresses costs bounded memory, and cannot push out a key that is failing now.
 local function throttle_fail(key, now, window)
   local n = redis.call('HINCRBY', key, 'n', 1)
   redis.call('HSET', key, 't', string.format('%.0f', now))
   redis.call('PEXPIRE', key, window)
+  local index = 'sa:f:ix:' .. string.match(key, '^sa:f:(%w+):')
+  redis.call('ZADD', index, now, key)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now - window)
+  if redis.call('ZCARD', index) > 20000 then
+    for _, old in ipairs(redis.call('ZPOPMIN', index)) do
+      if string.sub(old, 1, 5) == 'sa:f:' then redis.call('DEL', old) end
+    end
+  end
+  redis.call('PEXPIRE', index, window)
   return n
 end
 
@@ -135,9 +156,9 @@ local t_acct, t_addr, base, cap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber
 local by, wait, delay = '', 0, 0
 local own_key, own_kind = 'sa:f:a:' .. email, 'account'
 if device ~= '' then own_key, own_kind = 'sa:f:d:' .. device, 'device' end
-local w, d = throttle_wait(own_key, t_acct, base, cap, now)
+local w, d = throttle_claim(own_key, t_acct, base, cap, now)
 if w > 0 then by, wait, delay = own_kind, w, d end
-w, d = throttle_wait('sa:f:i:' .. ip, t_addr, base, cap, now)
+w, d = throttle_claim('sa:f:i:' .. ip, t_addr, base, cap, now)
 if w > wait then by, wait, delay = 'address', w, d end
 local uid = redis.call('HGET', 'sa:emails', email)
 local user = {false, false}

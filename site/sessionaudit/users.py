@@ -31,6 +31,14 @@ redis.call('HSET', 'sa:user:' .. uid, field, value)
 return email
 """
 
+# The first admin among users ARGV[1]..ARGV[2] (ids), or false.
+FIND_ADMIN = r"""
+for uid = tonumber(ARGV[1]), tonumber(ARGV[2]) do
+  if redis.call('HGET', 'sa:user:' .. uid, 'admin') == '1' then return tostring(uid) end
+end
+return false
+"""
+
 
 class InvalidEmail(ValueError):
     """The address is not a valid email address."""
@@ -78,7 +86,7 @@ class UserStore:
         self.redis = redis
         self.clock = clock
         self.count = count or (lambda kind, n: None)  # metrics: events appended, by type
-        self.scripts = keys.Scripts(redis, register=REGISTER, set_flag=SET_FLAG)
+        self.scripts = keys.Scripts(redis, register=REGISTER, set_flag=SET_FLAG, find_admin=FIND_ADMIN)
 
     async def create(self, email: str, password_hash: str, *, admin: bool = False,
                      ip: str = "", user_agent: str = "") -> str | None:
@@ -97,6 +105,18 @@ class UserStore:
     async def get_by_email(self, email: str) -> User | None:
         uid = await self.redis.hget(keys.EMAILS, email)
         return await self.get(uid.decode()) if uid else None
+
+    async def any_admin(self, batch: int = 1000) -> bool:
+        """Whether any account is an admin (for the hint at start).
+
+        Looks through the users in the order they were created, a batch per round trip, and stops
+        at the first admin: usually the first user, so one round trip.
+        """
+        last = int(await self.redis.get(keys.USER_NEXT) or 0)
+        for start in range(1, last + 1, batch):
+            if await self.scripts.find_admin(args=[start, min(start + batch - 1, last)]):
+                return True
+        return False
 
     async def set_flag(self, uid: str, name: str, value: bool) -> str | None:
         """Set ``admin`` or ``disabled``; the user's email, or None when there is no such user."""

@@ -23,6 +23,7 @@ PAGES = {
     "home": ("/", "anonymous"),
     "login": ("/login", "anonymous"),
     "register": ("/register", "anonymous"),
+    "forgot": ("/password/forgot", "anonymous"),
     "account": ("/account", "admin"),
     "password": ("/account/password", "admin"),
     "security": ("/account/security", "admin"),

@@ -14,7 +14,8 @@ class AccountHandler(BaseHandler):
 
     @authenticated
     async def get(self) -> None:
-        self.render("account.html", sessions=self.current.sessions if self.current else ())
+        self.render("account.html", sessions=self.current.sessions if self.current else (),
+                    changed=self.get_query_argument("changed", None) is not None)
 
 
 class RevokeOwnHandler(BaseHandler):
@@ -82,7 +83,8 @@ class PasswordHandler(BaseHandler):
             return self._fail(400, problem or "Choose another password.")
         await ctx.sessions.end_all(self.current.uid, events.PASSWORD_CHANGE, actor=self.current.email,
                                    ip=self.client_ip, user_agent=self.user_agent, set_field="hash",
-                                   set_value=new_hash)
+                                   set_value=new_hash, cause=(events.PASSWORD_CHANGED, events.BY_USER),
+                                   session=self.current.ref)
         created = await ctx.sessions.create(self.current.uid, self.current.email, ip=self.client_ip,
                                             user_agent=self.user_agent)
         if created:

@@ -14,6 +14,7 @@ from .. import events, inputs, seal, views
 from ..audit import BadQuery, Query
 from ..live import Follower, replay
 from .base import BaseHandler, admin, form, security_log
+from .reset import send_reset
 
 EXPORT_CHUNK = 5000
 SESSION_TIMELINE_CAP = 60  # about the events emit() keeps in a session's timeline index (1 KB of ids)
@@ -332,6 +333,23 @@ class UserFlagHandler(AdminHandler):
             raise tornado.web.HTTPError(404)
         security_log.warning("admin %s: %s user %s", self.current.email, action, uid)
         self.redirect(f"/admin/users/{uid}", status=303)
+
+
+class AdminSendResetHandler(AdminHandler):
+    """Mail a user a password reset link, as /password/forgot would, with the admin as the actor."""
+
+    @form
+    @admin
+    async def post(self, uid: str) -> None:
+        assert self.current
+        user = await self.ctx.users.get(uid)
+        if user is None:
+            raise tornado.web.HTTPError(404)
+        if user.disabled:
+            raise tornado.web.HTTPError(400, "This account is disabled: enable it before sending a reset link.")
+        await send_reset(self, user.email, actor=self.current.email, throttled=False)
+        security_log.warning("admin %s sent a password reset link to user %s", self.current.email, uid)
+        self.redirect(f"/admin/users/{uid}?reset=sent", status=303)
 
 
 def _back(target: str, default: str) -> str:

@@ -1,4 +1,4 @@
-"""Register, log in, log out."""
+"""Register, log in, log out. (Forgotten passwords: reset.py.)"""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from ..factors import PENDING_SECONDS
 from ..passwords import MAX_PASSWORD_BYTES
 from ..users import InvalidEmail, normalize_email
 from .base import BaseHandler, form, safe_next
+from .reset import FLASH_COOKIE, FLASH_RESET
 from .security import finish_login, set_login_step_cookie
 
 BAD_LOGIN = "That email and password do not match an account."
@@ -69,7 +70,13 @@ class RegisterHandler(BaseHandler):
 
 class LoginHandler(BaseHandler):
     def get(self) -> None:
-        self.render("login.html", error=None, email="", next=safe_next(self.get_argument("next", ""), ""))
+        notice = None
+        if self.get_cookie(FLASH_COOKIE) == FLASH_RESET:  # just back from choosing a new password
+            notice = "Your password has been changed and every session of your account has ended. " \
+                     "Log in with the new password."
+            self.clear_cookie(FLASH_COOKIE, path="/login")
+        self.render("login.html", error=None, email="", next=safe_next(self.get_argument("next", ""), ""),
+                    notice=notice)
 
     @form
     async def post(self) -> None:

@@ -9,7 +9,16 @@ from .base import REDIS_DOWN, BaseHandler
 
 class HomeHandler(BaseHandler):
     def get(self) -> None:
-        self.render("home.html")
+        if self.current:
+            self.render("home.html")
+            return
+        # The same page for everyone not logged in (no form on it, so no XSRF token): rendered once.
+        page = self.ctx.pages.get("home")
+        if page is None:
+            page = self.render_string("home.html")
+            if not self.ctx.settings.debug:
+                self.ctx.pages["home"] = page
+        self.finish(page)
 
 
 class HealthHandler(BaseHandler):
