@@ -356,6 +356,8 @@ def test_the_outside_copy_is_shared_and_never_goes_back(tmp_path: Path) -> None:
     path.write_text("not json")
     with pytest.raises(ValueError, match="not a seal record"):
         one.read()
+    assert one.write(newer)  # a new record, the unreadable one kept beside it for whoever looks into it
+    assert [p.read_text() for p in tmp_path.glob("audit-seal.json.unreadable-*")] == ["not json"]
 
 
 async def test_exports_with_seals_verify_offline_and_name_what_changed(app, rdb, clock, new_browser) -> None:

@@ -551,8 +551,9 @@ class OutsideCopy:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 current = self.read()
-            except ValueError:
+            except ValueError:  # kept for whoever looks into it, not overwritten
                 current = None
+                os.replace(self.path, self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}"))
             if current is not None and current.total >= seal.total:
                 return False
             text = json.dumps({**OutsideSeal.of(seal).to_json(),
@@ -976,7 +977,6 @@ class SealService:
         self._errors: dict[str, tuple[str, float]] = {}
         self._paced = 0.0
         self._written: Seal | None = None
-        self._outside_problem: Problem | None = None
         self._follow_problem: Problem | None = None
         self._failing: dict[str, bool] = {}
         self._error_logged: tuple[str, float] | None = None
@@ -1199,12 +1199,10 @@ class SealService:
             recorded = await asyncio.to_thread(self.outside.read)
         except ValueError as e:
             recorded = None
-            log.warning("%s; writing a new one", e)
+            log.warning("%s: it is kept beside it (.unreadable-<time>) and a new one written", e)
         if recorded is not None:
             problem = await check_outside(self.redis, recorded, self.followed, None)
             if problem is not None:
-                if self._outside_problem is None:
-                    self._outside_problem = problem
                 self._fail(problem)
                 return  # the file is evidence: never overwritten by a chain that does not extend it
             if recorded.total >= self.followed.total:
@@ -1258,7 +1256,6 @@ class SealService:
         else:
             was = status.state
             status.state, status.problem = "ok", None
-            self._outside_problem = None
             if was == "failed":
                 log.warning("the audit trail verifies again")
             newest = self.followed if self.followed and report.verified and \
