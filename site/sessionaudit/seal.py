@@ -69,7 +69,8 @@ SEAL_LOG_EVERY = 10.0  # seconds between log lines of the newest seal (while eve
 READ_BATCHES = 4  # batches read (one XRANGE) and sealed (one pipeline) per round trip
 CATCH_UP = 10 * BATCH_MAX  # a backlog beyond which the sealer leaves half the IOLoop's time to requests
 UNSEALED_GRACE_MS = 10_000  # an event this long unsealed means sealing is not keeping up
-EVENT_CHUNK = 2000  # events read per round trip while verifying
+EVENT_CHUNK = 2000  # events read per round trip by `audit verify`
+SLICE = 500  # events worked on at a time in the site (a few milliseconds), the IOLoop's other work in between
 SEAL_CHUNK = 32  # seals read per round trip while verifying
 
 # Problem kinds.
@@ -266,14 +267,22 @@ class Head:
 START = Head("", GENESIS, 0)
 
 
-def make_seal(mac: Mac, name: str, prev: Head, entries: list[Any],
-              agents: dict[tuple[str, bytes], str | None]) -> Seal:
-    """The seal of raw stream entries (oldest first) chained on from ``prev``."""
-    fulls = [mac(canonical(exported(i, f, agents))) for i, f in entries]
-    seal_id = entries[-1][0].decode()
+def make_seal(mac: Mac, name: str, prev: Head, seal_id: str, fulls: list[bytes]) -> Seal:
+    """The seal of a batch whose events' MACs are ``fulls`` (oldest first; the last one's id is
+    ``seal_id``), chained on from ``prev``."""
     total = prev.total + len(fulls)
     return Seal(seal_id, name, total, chain_value(mac, prev.mac, seal_id, total, b"".join(fulls)),
                 b"".join(f[:DIGEST_BYTES] for f in fulls))
+
+
+async def canonical_rows(entries: list[Any], agents: dict[tuple[str, bytes], str | None]) -> list[tuple[str, bytes]]:
+    """Raw entries as (id, canonical form), a SLICE at a time with the IOLoop's other work in between."""
+    rows: list[tuple[str, bytes]] = []
+    for k in range(0, len(entries), SLICE):
+        if k:
+            await asyncio.sleep(0)
+        rows.extend((r["id"], canonical(r)) for r in (exported(i, f, agents) for i, f in entries[k:k + SLICE]))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -649,7 +658,7 @@ class Report:
 async def verify_redis(redis: aioredis.Redis, keys_: SealKeys, *, now_ms: int, retention_days: int,
                        outside: OutsideSeal | None = None,
                        on_entries: Callable[[list[Any]], None] | None = None,
-                       pace: Callable[[], Awaitable[None]] | None = None) -> Report:
+                       pace: Callable[[], Awaitable[None]] | None = None, chunk: int = EVENT_CHUNK) -> Report:
     """Recompute the chain from the oldest kept event against the seals in Redis and the outside copy.
 
     ``on_entries`` sees every raw event chunk (``audit verify`` checks the session stories in the same
@@ -680,7 +689,7 @@ async def verify_redis(redis: aioredis.Redis, keys_: SealKeys, *, now_ms: int, r
             report.newest = first
             report.add(Problem(SEALS_MISSING, f"the seals before {first.id} are missing: events from {oldest} to "
                                               f"{first.id} are covered by no seal", event=oldest, seal=first.id))
-    trail = Trail(redis, head.id, on_entries=on_entries, pace=pace)
+    trail = Trail(redis, head.id, chunk=chunk, on_entries=on_entries, pace=pace)
     try:
         async for item in read_seals(redis, head.id):
             if isinstance(item, Problem):
@@ -990,6 +999,7 @@ class SealService:
         """Take or renew the lease; while held, seal every event not sealed yet. Returns how many."""
         if not self.keys.current:
             return 0
+        self.behind = False
         newest_event = await self._renew()
         if newest_event is None:
             if self.holding:
@@ -1020,15 +1030,20 @@ class SealService:
                 if full:  # more to come: read it meanwhile (round trips, not CPU, bound this under load)
                     ahead = asyncio.get_running_loop().create_task(self._read_after(entries[-1][0].decode()))
                 await fill_agents(self.redis, entries, self._agents)
-                made: list[tuple[Head, Seal]] = []
-                prev, worked = self.head, 0.0
-                for k in range(0, len(entries), BATCH_MAX):
+                fulls: list[bytes] = []
+                worked = 0.0
+                for k in range(0, len(entries), SLICE):
                     began = time.thread_time()
-                    seal = make_seal(mac, name, prev, entries[k:k + BATCH_MAX], self._agents)
+                    fulls.extend(mac(canonical(exported(i, f, self._agents))) for i, f in entries[k:k + SLICE])
                     worked += time.thread_time() - began
+                    await asyncio.sleep(0)  # requests get their turn between slices
+                made: list[tuple[Head, Seal]] = []
+                prev = self.head
+                for k in range(0, len(entries), BATCH_MAX):
+                    last = entries[min(k + BATCH_MAX, len(entries)) - 1][0].decode()
+                    seal = make_seal(mac, name, prev, last, fulls[k:k + BATCH_MAX])
                     made.append((prev, seal))
                     prev = Head.of(seal)
-                    await asyncio.sleep(0)  # requests get their turn between batches
                 # One round trip for all of them; each is refused unless the one before it went in.
                 if not self._seal_loaded:
                     await self.redis.script_load(script.source)
@@ -1074,7 +1089,6 @@ class SealService:
         finally:
             if ahead is not None:
                 ahead.cancel()
-        if not sealed:
             self.behind = False
         return sealed
 
@@ -1149,8 +1163,7 @@ class SealService:
                                                            2 * BATCH_MAX)
                 await fill_agents(self.redis, entries, self._agents)
                 began = time.thread_time()
-                rows = [(r["id"], canonical(r)) for r in (exported(i, f, self._agents)
-                                                          for i, f in entries)]
+                rows = await canonical_rows(entries, self._agents)
                 problem = check_batch(self.keys, prev, item, rows)
                 worked = time.thread_time() - began
                 if problem is not None:
@@ -1235,7 +1248,7 @@ class SealService:
                 log.warning("%s", e)
         cpu = self._paced = time.thread_time()
         report = await verify_redis(self.redis, self.keys, now_ms=self.now_ms(), retention_days=self.retention_days,
-                                    outside=recorded, pace=self._pace)
+                                    outside=recorded, pace=self._pace, chunk=SLICE)
         cpu = time.thread_time() - cpu  # the IOLoop thread's: the pass's own when nothing else ran meanwhile
         status = self.status
         status.passes += 1
