@@ -350,10 +350,12 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
             f"{'intact' if vf['cli_ok'] else 'NOT INTACT'}; CPU {vf.get('cli_cpu_seconds') or 0:.1f} s", "", "<= 30 s",
             vf["cli_ok"] and vf["cli_seconds"] <= 30)
         if vf.get("pass_seconds"):
-            share = (vf["pass_cpu_seconds"] or 0) / vf["pass_seconds"]
+            cpu = vf.get("pass_process_cpu_seconds")
+            cpu = cpu if cpu is not None else vf["pass_cpu_seconds"] or 0
             add(f"10 background pass, {_n(vf['pass_events'])} events",
-                f"{vf['pass_seconds']:.0f} s, CPU {vf['pass_cpu_seconds']:.1f} s",
-                f"{share:.0%} of a core{'' if vf['pass_while_idle'] else ' (partly while pages were served)'}",
+                f"{vf['pass_seconds']:.0f} s, CPU {cpu:.1f} s",
+                f"{cpu / vf['pass_seconds']:.0%} of a core"
+                f"{'' if vf['pass_while_idle'] else ' (partly while pages were served)'}",
                 "", "bounded CPU, <= 5 s between", None)
     else:
         missing("10 audit verify, large trail", "<= 30 s", "verify")

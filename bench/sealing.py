@@ -125,8 +125,10 @@ def verify_at_scale(bench: Any, site: Site, metrics_port: int, wait: float) -> d
     # The site's own pass over the whole trail, one that began after this section did, so that it ran
     # with nothing else in the site (its CPU is then its own); within the time left, else the last one.
     m = before
+    samples = [(start, cpu0)]  # the site's CPU (/proc) as time goes, for the pass's own window
     while time.monotonic() - start < wait:
         m = metrics(metrics_port)
+        samples.append((time.monotonic(), common.cpu_seconds(site.pid)))
         if m.get("sessionaudit_audit_verify_passes_total", 0.0) > passes0 \
                 and (m.get("sessionaudit_audit_verify_pass_events") or 0) >= report["events"] \
                 and (m.get("sessionaudit_audit_verify_pass_seconds") or 1e9) <= time.monotonic() - start:
@@ -134,17 +136,24 @@ def verify_at_scale(bench: Any, site: Site, metrics_port: int, wait: float) -> d
         time.sleep(0.5)
     wall = time.monotonic() - start
     whole = (m.get("sessionaudit_audit_verify_pass_seconds") or 1e9) <= wall  # it began in this section
+    pass_s = m.get("sessionaudit_audit_verify_pass_seconds") or 0.0
+    began = samples[-1][0] - pass_s
+    at_start = next((c for t, c in reversed(samples) if t <= began), cpu0)
+    process_cpu = samples[-1][1] - at_start if whole else None
     out = {
         "cli_seconds": cli_s, "cli_cpu_seconds": cli_cpu, "cli_ok": report["ok"], "cli_events": report["events"],
         "cli_seals": report["seals"],
         "pass_seconds": m.get("sessionaudit_audit_verify_pass_seconds"),
         "pass_cpu_seconds": m.get("sessionaudit_audit_verify_pass_cpu_seconds"),
         "pass_events": m.get("sessionaudit_audit_verify_pass_events"), "pass_while_idle": whole,
+        "pass_process_cpu_seconds": process_cpu,
         "site_cpu_util_meanwhile": (common.cpu_seconds(site.pid) - cpu0) / wall,
         "verification_failed": m.get("sessionaudit_audit_verification_failed"),
     }
     log(f"verify: background pass of {out['pass_events'] or 0:,.0f} events: {out['pass_seconds'] or 0:.1f} s, "
-        f"CPU {out['pass_cpu_seconds'] or 0:.1f} s{'' if whole else ' (it began before this section)'}")
+        f"IOLoop CPU {out['pass_cpu_seconds'] or 0:.1f} s, the site's CPU meanwhile (/proc) "
+        f"{process_cpu if process_cpu is not None else float('nan'):.1f} s"
+        f"{'' if whole else ' (it began before this section)'}")
     return out
 
 
