@@ -78,7 +78,7 @@ def test_two_sites_on_one_data_dir_are_refused(tmp_path: Path) -> None:
 def test_redis_url_from_environment(tmp_path: Path, redis_url: str) -> None:
     made = run("create-user", "--email=env@example.com", stdin=PASSWORD + "\n", REDIS_URL=redis_url)
     assert made.returncode == 0, made.stderr
-    verify = run("audit", "verify", f"--redis-url={redis_url}")
+    verify = run("audit", "verify", f"--redis-url={redis_url}", f"--data-dir={tmp_path}")  # not ./var's seal copy
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "register: 1" in verify.stdout
 
@@ -287,7 +287,9 @@ def test_seals_survive_restarts_and_audit_verify_checks_them(tmp_path: Path, red
     problems = json.loads(offline.stdout)["problems"]
     assert [(p["kind"], p["event"], p["message"]) for p in problems] == [
         ("altered", login_id, f"event {login_id} was altered: it does not match its seal")]
-    assert run("audit", "verify", f"--file={exported}").returncode == 2  # no key: a clear usage error
+    keyless = tmp_path / "no-key"
+    keyless.mkdir()
+    assert run("audit", "verify", f"--file={exported}", f"--data-dir={keyless}").returncode == 2  # no key: usage
 
     # Cut off the newest event together with its seal: only the copy outside Redis can tell.
     client = sync_redis.Redis.from_url(redis_url)
