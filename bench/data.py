@@ -210,9 +210,9 @@ def create_sessions(client: redis.Redis, count: int, user_count: int, deadline_m
                 refs.append(ref)
                 uid = 1 + k % user_count
                 deadline = deadline_ms if isinstance(deadline_ms, int) else deadline_ms[k]
-                script(args=[now, ref, uid, max(1, deadline - now), lifetime_ms, slack_ms, ip_of(rng),
-                             USER_AGENTS[k % len(USER_AGENTS)], "", "", "", email_of(uid), "password", ""],
-                   client=pipe)
+                ip, agent = ip_of(rng), USER_AGENTS[k % len(USER_AGENTS)]
+                script(args=[now, ref, uid, max(1, deadline - now), lifetime_ms, slack_ms, ip, agent, "", "", "",
+                             email_of(uid), "password", "", sessions.pair(ip, agent)], client=pipe)
             replies = pipe.execute()
             if not all(replies):
                 raise RuntimeError("LOGIN refused a bench session (missing user?)")

@@ -78,7 +78,7 @@ class Context:
         )
         self.jinja.filters.update(views.FILTERS)
         self.jinja.filters["static"] = self.static_url
-        self.jinja.globals.update(ago=views.ago, labels=events.LABELS)
+        self.jinja.globals.update(ago=views.ago, labels=events.LABELS, session_rows=views.session_rows)
         # The signed cookie has its own expiry check; the session's lifetime is the real limit.
         self.cookie_max_age_days = max(1, settings.session_lifetime // 86400 + 1)
         self.in_flight = 0
@@ -86,6 +86,7 @@ class Context:
         self.pages: dict[str, bytes] = {}  # pages that are the same for every anonymous visitor
         # Session cookies whose signature has been checked: value -> (session id, key version, timestamp).
         self.verified_cookies: dict[str, tuple[str, int | None, int]] = {}
+        self.xsrf_tokens: dict[str, tuple[bytes, str]] = {}  # _xsrf cookie value -> (token, timestamp)
         self._idle: asyncio.Event | None = None
         self.append_only = False
 

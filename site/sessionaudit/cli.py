@@ -262,6 +262,9 @@ async def serve(settings: Settings, url: str) -> None:
                  settings.audit_retention_days)
     app = make_app(settings, client)
     app.ctx.access.configure(_log_stream_write(), json=settings.log_format == "json")
+    with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        if converted := await app.ctx.sessions.migrate():
+            log.info("converted %d live session(s) kept the way earlier versions kept them", converted)
     app.ctx.append_only = mode == acl.APPEND_ONLY
     ctx = app.ctx
     try:  # re-sealed under the newest COOKIE_SECRET now, so that an older version can be dropped later

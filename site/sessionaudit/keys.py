@@ -34,12 +34,13 @@ LAST_ID = "sa:audit:lastid"  # the last id appended; ids follow the site's clock
 USER = "sa:user:"  # + uid: hash id, email, hash, admin, created, disabled
 USER_NEXT = "sa:user:next"
 EMAILS = "sa:emails"  # hash: normalized email -> uid
-# + ref: hash u (uid), l (last seen), x (lifetime deadline), h (digests of the address and browser it
-# last used), m (1 address, 2 browser, 3 both: how it has moved since sign-in); the deadline is its index score
-SESSION = "sa:s:"
+# + ref: a session, one short string (see session_of in the prelude); its deadline is its index score
+SESSION = "sa:ss:"
+LEGACY_SESSION = "sa:s:"  # + ref: a session as earlier versions kept it (a hash), converted at start
 MOVED = "sa:st:moved"  # zset: refs of sessions that moved, by the time of their last move (the last 24 hours)
 DEADLINES = "sa:deadlines"  # zset: session refs scored by deadline (ms)
-USER_SESSIONS = "sa:us:"  # + uid: set of live session refs
+USER_SESSIONS = "sa:ui:"  # + uid: hash of the user's live session refs (values empty)
+LEGACY_USER_SESSIONS = "sa:us:"  # + uid: the same as a set, as earlier versions kept it
 STATS_HOUR = "sa:st:h:"  # + hour number: hash type -> count
 STATS_DAY = "sa:st:d:"  # + day number: hash type -> count
 FAIL_IPS = "sa:st:fip:"  # + hour number: zset ip -> failures (the FAIL_IPS_MAX addresses with most)
@@ -179,23 +180,44 @@ local function emit(now, ev)
   return id
 end
 
--- When, from where and with what a session began: its login event (the first id in sa:sessev),
--- so the session hash need not repeat it. Returns created (ms), ip, user agent.
-local function login_of(ref)
-  local ids = redis.call('HGET', 'sa:sessev', ref)
-  local login = ids and string.match(ids, '^(%S+)')
-  if not login then return 0, '', '' end
-  local created, ip, ua = tonumber(string.match(login, '^(%d+)')), '', ''
-  local found = redis.call('XRANGE', 'audit:log', login, login)
-  if #found == 1 then
-    local f = found[1][2]
-    for i = 1, #f, 2 do
-      if f[i] == 'i' then ip = f[i + 1]
-      elseif f[i] == 'g' then ua = agent(f[i + 1], login)
-      elseif f[i] == 'a' and f[i + 1] ~= '' then created = tonumber(f[i + 1]) end
-    end
+-- Numbers in session strings are written in base 36 (shorter: the string stays in Redis's smallest
+-- allocation for it); tonumber(text, 36) reads them back.
+local function base36(n)
+  n = math.floor(n)
+  if n == 0 then return '0' end
+  local digits, out = '0123456789abcdefghijklmnopqrstuvwxyz', ''
+  while n > 0 do
+    local d = n % 36
+    out = string.sub(digits, d + 1, d + 1) .. out
+    n = (n - d) / 36
   end
-  return created, ip, ua
+  return out
+end
+
+-- A session: the string 'sa:ss:<ref>' = "uid pair moved login ip agent [last]": the digest of the
+-- address and browser it last used (base 36, '-' unknown), how it moved since sign-in (0-3), its
+-- login event's id time (base 36: when it began, and which day's dictionary names its agent), the
+-- address and agent key of that login ('-' none), and its last request once its deadline is its
+-- lifetime's (before, the deadline index tells: last = deadline - idle). Nil when there is none.
+local function parse_session(raw)
+  local uid, pair, moved, login, ip, agent_key, last =
+    string.match(raw, '^(%S+) (%S+) (%d) (%w+) (%S+) (%S+) ?(%w*)$')
+  if not uid then return nil end
+  return {uid = uid, pair = pair, moved = tonumber(moved), login = tonumber(login, 36),
+          ip = ip ~= '-' and ip or '', agent = agent_key ~= '-' and agent_key or '',
+          last = last ~= '' and tonumber(last, 36) or nil}
+end
+
+local function session_of(ref)
+  local raw = redis.call('GET', 'sa:ss:' .. ref)
+  return raw and parse_session(raw)
+end
+
+local function session_string(s)
+  local out = s.uid .. ' ' .. s.pair .. ' ' .. s.moved .. ' ' .. base36(s.login) .. ' ' ..
+              (s.ip ~= '' and s.ip or '-') .. ' ' .. (s.agent ~= '' and s.agent or '-')
+  if s.last then out = out .. ' ' .. base36(s.last) end
+  return out
 end
 
 -- A live session's deadline: its score in the deadline index (false when it has none).
@@ -205,36 +227,36 @@ local function deadline_of(ref)
 end
 
 -- End a session's state (not its event): the caller has emitted the event already.
-local function drop_session(ref, uid, member)
-  redis.call('DEL', 'sa:s:' .. ref)
-  redis.call('ZREM', 'sa:deadlines', member)
-  redis.call('SREM', 'sa:us:' .. uid, ref)
+local function drop_session(ref, uid)
+  redis.call('DEL', 'sa:ss:' .. ref)
+  redis.call('ZREM', 'sa:deadlines', ref)
+  redis.call('HDEL', 'sa:ui:' .. uid, ref)
 end
 
--- Claim a session whose deadline has passed: `expired` at the deadline, reason idle/lifetime.
--- The hash outlives its deadline by the TTL's slack; after longer downtime its login event
--- (found through sa:sessev) tells the user and, with `lifetime` (ms), the lifetime deadline.
+-- Claim a session whose deadline has passed: `expired` at the deadline, reason idle or lifetime
+-- (`lifetime` ms after it began). The string outlives its lifetime a little (its TTL, a backstop);
+-- after longer downtime its login event (found through sa:sessev) tells whose it was.
 local function expire_member(now, ref, deadline, lifetime)
-  local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'x')
-  local uid, lifetime_dl = s[1], tonumber(s[2])
+  local s = session_of(ref)
+  local uid, began = s and s.uid, s and s.login
   if not uid then
     uid = ''
     local ids = redis.call('HGET', 'sa:sessev', ref)
     local login = ids and string.match(ids, '^(%S+)')
     local found = login and redis.call('XRANGE', 'audit:log', login, login) or {}
     if #found == 1 then
-      local f, at = found[1][2], tonumber(string.match(login, '^(%d+)'))
+      local f = found[1][2]
+      began = tonumber(string.match(login, '^(%d+)'))
       for i = 1, #f, 2 do
-        if f[i] == 'u' then uid = f[i + 1] elseif f[i] == 'a' and f[i + 1] ~= '' then at = tonumber(f[i + 1]) end
+        if f[i] == 'u' then uid = f[i + 1] elseif f[i] == 'a' and f[i + 1] ~= '' then began = tonumber(f[i + 1]) end
       end
-      if lifetime then lifetime_dl = at + lifetime end
     end
   end
   local reason = 'idle'
-  if lifetime_dl and deadline >= lifetime_dl then reason = 'lifetime' end
+  if began and deadline >= began + lifetime then reason = 'lifetime' end
   local email = uid ~= '' and redis.call('HGET', 'sa:user:' .. uid, 'email') or ''
   emit(now, {t = 'expired', a = deadline, u = uid, e = email or '', s = ref, r = reason})
-  drop_session(ref, uid, ref)
+  drop_session(ref, uid)
   return ref
 end
 """

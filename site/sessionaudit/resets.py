@@ -91,13 +91,14 @@ return uid and email or false
 """
 
 # Use a token: the new password hash, every session ended, the token gone, in one script.
-# ARGV: now, token hash, new password hash, ip, ua. Returns {uid, email, sessions ended} or false.
+# ARGV: now, token hash, new password hash, ip, ua, session lifetime (ms). Returns {uid, email, sessions
+# ended} or false.
 USE = ACCOUNT_OF + END_SESSIONS + r"""
 local now, digest, ip, ua = tonumber(ARGV[1]), ARGV[2], ARGV[4], ARGV[5]
 local uid, email = token_account(now, digest)
 if not uid then return false end
 emit(now, {t = 'password_changed', u = uid, e = email, i = ip, g = ua, r = 'reset'})
-local ended = end_sessions(now, uid, email, 'password_reset', '', ip, ua, '')
+local ended = end_sessions(now, uid, email, 'password_reset', '', ip, ua, '', tonumber(ARGV[6]))
 redis.call('HSET', 'sa:user:' .. uid, 'hash', ARGV[3])
 redis.call('DEL', 'sa:rt:' .. digest, 'sa:ru:' .. uid)
 -- Whoever holds the mailbox now knows the password: failed guesses by others no longer hold it back.
@@ -180,7 +181,8 @@ class ResetStore:
         """
         if not well_formed(token):
             return None
-        out = await self.scripts.use(args=[self._now(), digest(token), password_hash, ip, user_agent])
+        out = await self.scripts.use(args=[self._now(), digest(token), password_hash, ip, user_agent,
+                                           self.settings.session_lifetime * 1000])
         if not out:
             return None
         self.count(events.PASSWORD_CHANGED, 1)

@@ -4,11 +4,14 @@ The cookie carries a random 256-bit session id. Redis never sees it: every key, 
 audit event names the session by its *ref*, an HMAC of the id under the session secret, which
 cannot be turned back into the id.
 
-A session is a hash ``sa:s:<ref>`` of numbers with a TTL a little past its deadline (a backstop
-only), its ref in the deadline index ``sa:deadlines`` (scored by deadline), and a member of its
-user's set ``sa:us:<uid>``. Its address and user agent are those of its login event; once the
-hash is gone (downtime), the login event also tells the sweeper whose session it was.
-Deadlines are enforced by the scripts against the ``now`` they are given, never by the TTL.
+A session is one short string ``sa:ss:<ref>`` (its user, the digest of the address and browser it
+last used, how it moved, when and from where it began: see ``session_of`` in keys.py) with a TTL a
+little past its lifetime (a backstop only), its ref in the deadline index ``sa:deadlines``
+(scored by deadline, which also tells when it was last used), and a field of its user's hash
+``sa:ui:<uid>``. A page that lists a user's sessions reads them all with one MGET: what it shows is
+in the strings, not in their login events. Once a string is gone (long downtime), the login event
+tells the sweeper whose session it was. Deadlines are enforced by the scripts against the ``now``
+they are given, never by the TTL.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ from . import events, keys, throttle
 #   ref, uid, idle_ms, lifetime_ms, slack_ms, ip, ua, old_ref, new_hash, old_hash, email, method,
 #   device (the id of the browser's device cookie for this account, '' none), pair (see TOUCH)
 # Returns the user's email, or false (nothing written) when the account is gone or disabled.
-# The session hash holds three numbers (u uid, l last seen, x lifetime deadline): its deadline is
-# its score in the deadline index, and when, where from and with what it began is its login event.
 LUA_LOGIN = r"""
 local function login_session(now, at)
   local A = function(i) return ARGV[at + i - 1] end
@@ -43,26 +44,28 @@ local function login_session(now, at)
   local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'disabled', 'hash')
   if not user[1] or user[2] == '1' then return false end
   local email = user[1]
-  local old_uid = old_ref ~= '' and redis.call('HGET', 'sa:s:' .. old_ref, 'u')
-  local old_deadline = old_uid and deadline_of(old_ref)
+  local old = old_ref ~= '' and session_of(old_ref)
+  local old_deadline = old and deadline_of(old_ref)
   -- Events first: the browser's previous session ends, then the new one begins.
-  if old_uid and old_deadline then
+  if old_deadline then
     if now >= old_deadline then
-      expire_member(now, old_ref, old_deadline)
+      expire_member(now, old_ref, old_deadline, lifetime)
     else
-      local oemail = redis.call('HGET', 'sa:user:' .. old_uid, 'email') or ''
-      emit(now, {t = 'logout', u = old_uid, e = oemail, s = old_ref, i = ip, g = ua})
-      drop_session(old_ref, old_uid, old_ref)
+      local oemail = redis.call('HGET', 'sa:user:' .. old.uid, 'email') or ''
+      emit(now, {t = 'logout', u = old.uid, e = oemail, s = old_ref, i = ip, g = ua})
+      drop_session(old_ref, old.uid)
     end
   end
-  emit(now, {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua, r = A(12)})
-  local deadline = math.min(now + idle, now + lifetime)
-  local key = 'sa:s:' .. ref
-  redis.call('HSET', key, 'u', uid, 'l', string.format('%.0f', now), 'x', string.format('%.0f', now + lifetime))
-  if A(14) and A(14) ~= '' then redis.call('HSET', key, 'h', A(14)) end
-  redis.call('PEXPIRE', key, deadline - now + slack)
+  local ev = {t = 'login', u = uid, e = email, s = ref, i = ip, g = ua, r = A(12)}
+  local id = emit(now, ev)  -- ev.g is now the agent's key in its day's dictionary
+  local session = {uid = uid, pair = (A(14) and A(14) ~= '') and A(14) or '-', moved = 0,
+                   login = tonumber(string.match(id, '^(%d+)')), ip = ip, agent = ev.g}
+  local lifetime_dl = session.login + lifetime
+  local deadline = math.min(now + idle, lifetime_dl)
+  if deadline >= lifetime_dl then session.last = now end
+  redis.call('SET', 'sa:ss:' .. ref, session_string(session), 'PX', string.format('%.0f', lifetime_dl - now + slack))
   redis.call('ZADD', 'sa:deadlines', deadline, ref)
-  redis.call('SADD', 'sa:us:' .. uid, ref)
+  redis.call('HSET', 'sa:ui:' .. uid, ref, '')
   if A(9) ~= '' and user[3] == A(10) then
     redis.call('HSET', 'sa:user:' .. uid, 'hash', A(9))
   end
@@ -78,62 +81,73 @@ return login_session(tonumber(ARGV[1]), 2)
 """
 
 # The hot path: one round trip per authenticated request.
-# ARGV: now, ref, idle_ms, slack_ms, with_sessions ('1' or '0'), pair, ip, ua, binding, moves a minute
-# `pair` is the address's digest times 2^26 plus the browser's (26 bits each: exact in Lua's numbers).
-# A session remembers the pair it last used: a request with another appends one session_changed
-# (at most `moves` a minute one by one, the rest summarised) and remembers the new pair, or, when
-# `binding` (address or browser) forbids that change, ends the session (revoked, binding).
+# ARGV: now, ref, idle_ms, lifetime_ms, with_sessions ('1' or '0'), pair, ip, ua, binding, moves a minute
+# `pair` is the address's digest times 2^26 plus the browser's (26 bits each: exact in Lua's numbers),
+# in base 36. A session remembers the pair it last used: a request with another appends one
+# session_changed (at most `moves` a minute one by one, the rest summarised) and remembers the new
+# pair, or, when `binding` (address or browser) forbids that change, ends the session (revoked,
+# binding). Writes one ZADD (the sliding deadline), and the string only when something in it changed.
 # Returns false (no such session, or it just ended and was recorded), or
 # {uid, email, admin, [ref, created, last, ip, ua, moved]...} (the user's sessions, this one included)
 TOUCH = r"""
-local now, ref, idle, slack = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local key = 'sa:s:' .. ref
-local s = redis.call('HMGET', key, 'u', 'l', 'x', 'h', 'm')
-if not s[1] then return false end
-local deadline = math.min(tonumber(s[2]) + idle, tonumber(s[3]))
+local now, ref, idle, lifetime = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local s = session_of(ref)
+local deadline = s and deadline_of(ref)
+if not deadline then return false end
 if now >= deadline then
-  expire_member(now, ref, deadline)
+  expire_member(now, ref, deadline, lifetime)
   return false
 end
-local uid = s[1]
+local uid = s.uid
 local user = redis.call('HMGET', 'sa:user:' .. uid, 'email', 'admin', 'disabled')
 if not user[1] or user[3] == '1' then return false end
-local pair, last_pair = tonumber(ARGV[6]), tonumber(s[4])
-if pair and pair ~= last_pair then
-  if last_pair then
+local changed = false
+if ARGV[6] ~= '' and ARGV[6] ~= s.pair then
+  if s.pair ~= '-' then  -- '-': a session from before the check: remember the pair, record nothing
+    local pair, last_pair = tonumber(ARGV[6], 36), tonumber(s.pair, 36)
     local address = math.floor(pair / 67108864) ~= math.floor(last_pair / 67108864)
     local browser = pair % 67108864 ~= last_pair % 67108864
     if (ARGV[9] == 'address' and address) or (ARGV[9] == 'browser' and browser) then
       emit(now, {t = 'revoked', u = uid, e = user[1], s = ref, r = 'binding', i = ARGV[7], g = ARGV[8]})
-      drop_session(ref, uid, ref)
+      drop_session(ref, uid)
       return false
     end
     local reason = address and (browser and 'address,browser' or 'address') or 'browser'
     record_budgeted('mv:' .. ref, now, tonumber(ARGV[10]),
                     {t = 'session_changed', u = uid, e = user[1], s = ref, r = reason, i = ARGV[7], g = ARGV[8]})
-    local moved = (tonumber(s[5]) or 0)
-    if address and moved % 2 == 0 then moved = moved + 1 end
-    if browser and moved < 2 then moved = moved + 2 end
-    redis.call('HSET', key, 'h', ARGV[6], 'm', moved)
+    if address and s.moved % 2 == 0 then s.moved = s.moved + 1 end
+    if browser and s.moved < 2 then s.moved = s.moved + 2 end
     redis.call('ZADD', 'sa:st:moved', now, ref)
     redis.call('ZREMRANGEBYSCORE', 'sa:st:moved', '-inf', now - 86400000)
-  else
-    redis.call('HSET', key, 'h', ARGV[6])  -- a session from before the check: remember, record nothing
   end
+  s.pair = ARGV[6]
+  changed = true
 end
-local new_deadline = math.min(now + idle, tonumber(s[3]))
-redis.call('HSET', key, 'l', ARGV[1])
-redis.call('PEXPIRE', key, new_deadline - now + slack)
+local lifetime_dl = s.login + lifetime
+local new_deadline = math.min(now + idle, lifetime_dl)
+if new_deadline >= lifetime_dl then s.last = now; changed = true end  -- the index no longer tells
+if changed then redis.call('SET', 'sa:ss:' .. ref, session_string(s), 'KEEPTTL') end
 redis.call('ZADD', 'sa:deadlines', new_deadline, ref)
 local out = {uid, user[1], user[2]}
 if ARGV[5] == '1' then
-  for _, other in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
-    local o = redis.call('HMGET', 'sa:s:' .. other, 'l', 'm')
-    local other_deadline = deadline_of(other)
-    if o[1] and other_deadline and other_deadline > now then
-      local created, ip, ua = login_of(other)
-      if other == ref then o[1] = ARGV[1] end
-      for _, v in ipairs({other, created, o[1], ip, ua, o[2] or '0'}) do out[#out + 1] = v end
+  local refs = redis.call('HKEYS', 'sa:ui:' .. uid)
+  for first = 1, #refs, 500 do
+    local chunk, names = {}, {}
+    for i = first, math.min(first + 499, #refs) do
+      chunk[#chunk + 1] = refs[i]; names[#names + 1] = 'sa:ss:' .. refs[i]
+    end
+    local raws = redis.call('MGET', unpack(names))
+    local scores = redis.call('ZMSCORE', 'sa:deadlines', unpack(chunk))
+    for i, other in ipairs(chunk) do
+      local o = other == ref and s or (raws[i] and parse_session(raws[i]))
+      local d = tonumber(scores[i])
+      if o and d and d > now then
+        local last = other == ref and now or (o.last or (d - idle))
+        local at = string.format('%.0f', o.login)
+        for _, v in ipairs({other, at, string.format('%.0f', last), o.ip, agent(o.agent, at), o.moved}) do
+          out[#out + 1] = v
+        end
+      end
     end
   end
 end
@@ -146,10 +160,10 @@ ADMINS = r"""
 local now, out = tonumber(ARGV[1]), {}
 for i = 2, #ARGV do
   local ref = ARGV[i]
-  local uid = redis.call('HGET', 'sa:s:' .. ref, 'u')
-  local deadline = uid and deadline_of(ref)
+  local s = session_of(ref)
+  local deadline = s and deadline_of(ref)
   if deadline and now < deadline then
-    local user = redis.call('HMGET', 'sa:user:' .. uid, 'admin', 'disabled')
+    local user = redis.call('HMGET', 'sa:user:' .. s.uid, 'admin', 'disabled')
     if user[1] == '1' and user[2] ~= '1' then out[#out + 1] = ref end
   end
 end
@@ -157,39 +171,40 @@ return out
 """
 
 # End one session with an event of type ARGV[3] (logout or revoked).
-# ARGV: now, ref, type, reason, actor, ip, ua, owner uid ('' = anyone's)
+# ARGV: now, ref, type, reason, actor, ip, ua, owner uid ('' = anyone's), lifetime_ms
 # Returns 'ended', 'expired' (its deadline had passed: recorded as expired instead) or false.
 END = r"""
 local now, ref = tonumber(ARGV[1]), ARGV[2]
-local uid = redis.call('HGET', 'sa:s:' .. ref, 'u')
-local deadline = uid and deadline_of(ref)
-if not deadline or (ARGV[8] ~= '' and uid ~= ARGV[8]) then return false end
+local s = session_of(ref)
+local deadline = s and deadline_of(ref)
+if not deadline or (ARGV[8] ~= '' and s.uid ~= ARGV[8]) then return false end
 if now >= deadline then
-  expire_member(now, ref, deadline)
+  expire_member(now, ref, deadline, tonumber(ARGV[9]))
   return 'expired'
 end
-local email = redis.call('HGET', 'sa:user:' .. uid, 'email') or ''
-emit(now, {t = ARGV[3], u = uid, e = email, s = ref, r = ARGV[4], c = ARGV[5], i = ARGV[6], g = ARGV[7]})
-drop_session(ref, uid, ref)
+local email = redis.call('HGET', 'sa:user:' .. s.uid, 'email') or ''
+emit(now, {t = ARGV[3], u = s.uid, e = email, s = ref, r = ARGV[4], c = ARGV[5], i = ARGV[6], g = ARGV[7]})
+drop_session(ref, s.uid)
 return 'ended'
 """
 
 # Lua: revoke every live session of a user but ``keep`` (with the reason, actor, address and user agent
-# of the request that ends them); one already past its deadline is recorded as expired instead.
-# Returns how many were revoked. Included by END_ALL and by the password reset (resets.py).
+# of the request that ends them); one already past its deadline is recorded as expired instead
+# (idle, or lifetime: ``lifetime`` ms after it began). Returns how many were revoked. Included by
+# END_ALL and by the password reset (resets.py).
 END_SESSIONS = r"""
-local function end_sessions(now, uid, email, reason, actor, ip, ua, keep)
+local function end_sessions(now, uid, email, reason, actor, ip, ua, keep, lifetime)
   local ended = 0
-  for _, ref in ipairs(redis.call('SMEMBERS', 'sa:us:' .. uid)) do
+  for _, ref in ipairs(redis.call('HKEYS', 'sa:ui:' .. uid)) do
     if ref ~= keep then
       local deadline = deadline_of(ref)
       if not deadline then
-        redis.call('SREM', 'sa:us:' .. uid, ref)
+        redis.call('HDEL', 'sa:ui:' .. uid, ref)
       elseif now >= deadline then
-        expire_member(now, ref, deadline)
+        expire_member(now, ref, deadline, lifetime)
       else
         emit(now, {t = 'revoked', u = uid, e = email, s = ref, r = reason, c = actor, i = ip, g = ua})
-        drop_session(ref, uid, ref)
+        drop_session(ref, uid)
         ended = ended + 1
       end
     end
@@ -201,7 +216,8 @@ end
 # End every session of a user but one: revoked with a reason. Optionally record first the event that
 # caused it (password_changed, with its reason and the session that made the change) and set a user
 # field (password hash, disabled flag), in the same script, so the change and the endings are one.
-# ARGV: now, uid, reason, actor, ip, ua, keep_ref, field, value, cause type, cause reason, cause session
+# ARGV: now, uid, reason, actor, ip, ua, keep_ref, field, value, cause type, cause reason, cause session,
+#       lifetime_ms
 # Returns the number of sessions ended (expired ones are recorded as expired, not counted).
 END_ALL = END_SESSIONS + r"""
 local now, uid = tonumber(ARGV[1]), ARGV[2]
@@ -210,19 +226,19 @@ if not email then return -1 end
 if ARGV[10] ~= '' then
   emit(now, {t = ARGV[10], u = uid, e = email, s = ARGV[12], r = ARGV[11], i = ARGV[5], g = ARGV[6]})
 end
-local ended = end_sessions(now, uid, email, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+local ended = end_sessions(now, uid, email, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[13]))
 if ARGV[8] ~= '' then redis.call('HSET', 'sa:user:' .. uid, ARGV[8], ARGV[9]) end
 return ended
 """
 
-# Live sessions for the admin list. ARGV: uid ('' for everyone's), offset, limit.
+# Live sessions for the admin list. ARGV: uid ('' for everyone's), offset, limit, idle_ms.
 # Returns {more, ref, uid, email, created, last, deadline, ip, ua, ...}, latest deadline first
 # (everyone's: a page of the deadline index; one user's: all their sessions, sorted by the caller).
 LIST = r"""
-local uid, offset, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local uid, offset, limit, idle = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local refs, more = {}, 0
 if uid ~= '' then
-  refs = redis.call('SMEMBERS', 'sa:us:' .. uid)
+  refs = redis.call('HKEYS', 'sa:ui:' .. uid)
 else
   refs = redis.call('ZREVRANGE', 'sa:deadlines', offset, offset + limit)
   if #refs > limit then more = 1; refs[#refs] = nil end
@@ -230,17 +246,59 @@ end
 local out = {more}
 local emails = {}
 for _, ref in ipairs(refs) do
-  local s = redis.call('HMGET', 'sa:s:' .. ref, 'u', 'l')
-  local deadline = s[1] and deadline_of(ref)
+  local s = session_of(ref)
+  local deadline = s and deadline_of(ref)
   if deadline then
-    if emails[s[1]] == nil then emails[s[1]] = redis.call('HGET', 'sa:user:' .. s[1], 'email') or '' end
-    local created, ip, ua = login_of(ref)
-    for _, v in ipairs({ref, s[1], emails[s[1]], created, s[2], string.format('%.0f', deadline), ip, ua}) do
+    if emails[s.uid] == nil then emails[s.uid] = redis.call('HGET', 'sa:user:' .. s.uid, 'email') or '' end
+    local at = string.format('%.0f', s.login)
+    for _, v in ipairs({ref, s.uid, emails[s.uid], at, string.format('%.0f', s.last or (deadline - idle)),
+                        string.format('%.0f', deadline), s.ip, agent(s.agent, at)}) do
       out[#out + 1] = v
     end
   end
 end
 return out
+"""
+
+# Sessions as earlier versions kept them (a hash sa:s:<ref>, the user's set sa:us:<uid>) become the
+# string and hash of now, a batch at a time, at start: nobody is logged out by an upgrade.
+# ARGV: now, lifetime_ms, slack_ms, offset in the deadline index, batch. Returns {converted, next offset}
+# (next offset 0 once the index has been read through).
+MIGRATE = r"""
+local now, lifetime, slack = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local offset, batch = tonumber(ARGV[4]), tonumber(ARGV[5])
+local refs = redis.call('ZRANGE', 'sa:deadlines', offset, offset + batch - 1)
+local converted = 0
+for _, ref in ipairs(refs) do
+  local old = 'sa:s:' .. ref
+  if redis.call('TYPE', old)['ok'] == 'hash' then
+    local h = redis.call('HMGET', old, 'u', 'h', 'm', 'l', 'x')
+    local ids = redis.call('HGET', 'sa:sessev', ref)
+    local login = ids and string.match(ids, '^(%S+)')
+    local found = login and redis.call('XRANGE', 'audit:log', login, login) or {}
+    local ip, agent_key = '', ''
+    if #found == 1 then
+      local f = found[1][2]
+      for i = 1, #f, 2 do
+        if f[i] == 'i' then ip = f[i + 1] elseif f[i] == 'g' then agent_key = f[i + 1] end
+      end
+    end
+    local began = login and tonumber(string.match(login, '^(%d+)')) or (tonumber(h[5]) - lifetime)
+    if h[1] then
+      local s = {uid = h[1], pair = h[2] and base36(tonumber(h[2])) or '-', moved = tonumber(h[3]) or 0,
+                 login = began, ip = ip, agent = agent_key}
+      local deadline = deadline_of(ref)
+      if deadline and deadline >= began + lifetime then s.last = tonumber(h[4]) end
+      redis.call('SET', 'sa:ss:' .. ref, session_string(s), 'PX', math.max(began + lifetime + slack - now, slack))
+      redis.call('HSET', 'sa:ui:' .. h[1], ref, '')
+      redis.call('SREM', 'sa:us:' .. h[1], ref)
+      converted = converted + 1
+    end
+    redis.call('DEL', old)
+  end
+end
+if #refs < batch then return {converted, 0} end
+return {converted, offset + batch}
 """
 
 # Claim up to ARGV[2] sessions whose deadline is at or before ARGV[1]. Safe with any number of
@@ -313,8 +371,8 @@ def browser_key(user_agent: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def pair(ip: str, user_agent: str) -> int:
-    """Digests of an address and a browser, as one number: address * 2^26 + browser.
+def pair(ip: str, user_agent: str) -> str:
+    """Digests of an address and a browser, as one number: address * 2^26 + browser, in base 36.
 
     26 bits of a hash each (a change goes unseen once in 67 million; the address itself is in the
     login event anyway, so the digest needs no key). An IPv6 address counts by its /64 network,
@@ -325,7 +383,17 @@ def pair(ip: str, user_agent: str) -> int:
     def digest(text: str) -> int:
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest()) >> 6
 
-    return digest(address_key(ip)) * 2**26 + digest(browser_key(user_agent))
+    return base36(digest(address_key(ip)) * 2**26 + digest(browser_key(user_agent)))
+
+
+def base36(n: int) -> str:
+    """``n`` in base 36 (as the scripts' ``base36`` writes it, and Lua's ``tonumber(text, 36)`` reads it)."""
+    out = ""
+    while True:
+        n, d = divmod(n, 36)
+        out = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + out
+        if n == 0:
+            return out
 
 
 def _text(value: bytes | str | None) -> str:
@@ -351,7 +419,7 @@ class SessionStore:
         self.binding = "" if binding == "off" else binding
         self.moves_per_minute = moves_per_minute
         self.scripts = keys.Scripts(redis, login=LOGIN, touch=throttle.LUA + TOUCH, end=END, end_all=END_ALL,
-                                    expire_due=EXPIRE_DUE, admins=ADMINS, list=LIST)
+                                    expire_due=EXPIRE_DUE, admins=ADMINS, list=LIST, migrate=MIGRATE)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -402,8 +470,8 @@ class SessionStore:
                                  new_hash, old_hash, email_key, method, device or "", self.pair(ip, user_agent)]
 
     @staticmethod
-    def pair(ip: str, user_agent: str) -> int:
-        """Digests of a request's address and browser, as one number: address * 2^26 + browser (see ``pair``)."""
+    def pair(ip: str, user_agent: str) -> str:
+        """Digests of a request's address and browser, as one number in base 36 (see ``pair``)."""
         return pair(ip, user_agent)
 
     async def load(self, ref: str, *, ip: str = "", user_agent: str = "",
@@ -413,7 +481,7 @@ class SessionStore:
         ``ip`` and ``user_agent`` are the request's: a session used from another address or browser
         than it last was records the move (or ends, under ``binding``) in the same round trip.
         """
-        out = await self.scripts.touch(args=[self.now_ms(), ref, self.idle_ms, self.slack_ms,
+        out = await self.scripts.touch(args=[self.now_ms(), ref, self.idle_ms, self.lifetime_ms,
                                              "1" if with_sessions else "0", self.pair(ip, user_agent), ip,
                                              user_agent, self.binding, self.moves_per_minute])
         if not out:
@@ -440,7 +508,8 @@ class SessionStore:
 
         With ``owner`` set, only a session of that user is ended.
         """
-        result = _text(await self.scripts.end(args=[self.now_ms(), ref, kind, reason, actor, ip, user_agent, owner]))
+        result = _text(await self.scripts.end(args=[self.now_ms(), ref, kind, reason, actor, ip, user_agent, owner,
+                                                    self.lifetime_ms]))
         if result:
             self.count(kind if result == "ended" else events.EXPIRED, 1)
         return result or None
@@ -456,7 +525,8 @@ class SessionStore:
         """
         kind, why = cause or ("", "")
         ended = int(await self.scripts.end_all(args=[
-            self.now_ms(), uid, reason, actor, ip, user_agent, keep, set_field, set_value, kind, why, session]))
+            self.now_ms(), uid, reason, actor, ip, user_agent, keep, set_field, set_value, kind, why, session,
+            self.lifetime_ms]))
         if ended >= 0 and kind:
             self.count(kind, 1)
         if ended > 0:
@@ -481,13 +551,23 @@ class SessionStore:
     async def list_live(self, *, uid: str | None = None, offset: int = 0,
                         limit: int = 50) -> tuple[list[LiveSession], bool]:
         """Live sessions, latest deadline (so latest activity) first: (page, whether more follow)."""
-        out = [_text(v) for v in await self.scripts.list(args=[uid or "", offset, limit])]
+        out = [_text(v) for v in await self.scripts.list(args=[uid or "", offset, limit, self.idle_ms])]
         found = [LiveSession(out[i], out[i + 1], out[i + 2], int(out[i + 3]), int(out[i + 4]), int(out[i + 5]),
                              out[i + 6], out[i + 7]) for i in range(1, len(out), 8)]
         found.sort(key=lambda s: -s.deadline)
         if uid is not None:
             return found[offset:offset + limit], len(found) > offset + limit
         return found, out[0] == "1"
+
+    async def migrate(self, batch: int = 500) -> int:
+        """Convert sessions kept the way earlier versions kept them; how many were converted (start-up)."""
+        total, offset = 0, 0
+        while True:
+            converted, offset = await self.scripts.migrate(args=[self.now_ms(), self.lifetime_ms, self.slack_ms,
+                                                                 offset, batch])
+            total += int(converted)
+            if not int(offset):
+                return total
 
     async def live_count(self) -> int:
         return await self.redis.zcard(keys.DEADLINES)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import html
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import ua_parser
 from markupsafe import Markup
 
 from .events import iso_ms, next_id
+
+if TYPE_CHECKING:
+    from .sessions import SessionView
 
 
 def utc(ms: int | None) -> str:
@@ -74,9 +80,53 @@ def warm_up() -> None:
 def when(ms: int | None, now_ms: int) -> Markup:
     """``<time datetime="ISO" title="UTC">3 min ago</time>``: one filter for what pages show of a
     moment (three filters and a call cost a page of rows most of its rendering)."""
-    if not ms:
-        return Markup("")
-    return Markup(f'<time datetime="{iso_ms(ms)}" title="{utc(ms)}">{ago(ms, now_ms)}</time>')  # noqa: S704
+    return Markup(_when(ms, now_ms // 1000) if ms else "")  # noqa: S704 (dates and numbers only)
+
+
+@functools.lru_cache(maxsize=4096)
+def _when(ms: int, now_second: int) -> str:
+    # By the second of "now": a page's moments are shown again by the next pages of that second.
+    return f'<time datetime="{iso_ms(ms)}" title="{utc(ms)}">{ago(ms, now_second * 1000)}</time>'
+
+
+def session_rows(sessions: Sequence[SessionView], current_ref: str, now_ms: int, xsrf: object) -> Markup:
+    """The rows of /account's table of sessions, one ``<tr>`` each, with the form that ends it.
+
+    The one piece of a page built here rather than in a template: it is on the hottest page, and
+    Jinja2 spends a microsecond on every value it writes (nine a row) where an f-string with
+    ``html.escape`` spends a tenth of that. Every value from outside is escaped.
+    """
+    out = []
+    for s in sessions:
+        this = s.ref == current_ref
+        device = html.escape(ua_summary(s.user_agent))
+        ip = html.escape(s.ip or "unknown")
+        moved = ""
+        if s.moved:
+            what = "address and browser" if s.moved == 3 else "address" if s.moved == 1 else "browser"
+            moved = f'<br><span class="warn-tag">Used from a new {what} since sign-in</span>'
+        if this:
+            row, tag, button = ' class="this"', ' <strong class="tag">This device</strong>', "small"
+            action = "Sign out here"
+        else:
+            row, tag, button = "", "", "small danger"
+            action = f'End session<span class="visually-hidden"> on {device} from {ip}</span>'
+        out.append(
+            f'<tr{row}>\n<td data-label="Device"><span title="{html.escape(s.user_agent)}">{device}</span>'
+            f'{tag}{moved}</td>\n'
+            f'<td data-label="Address">{ip}</td>\n'
+            f'<td data-label="Signed in">{_when(s.created, now_ms // 1000) if s.created else ""}</td>\n'
+            f'<td data-label="Last seen">{_when(s.last_seen, now_ms // 1000) if s.last_seen else ""}</td>\n'
+            f'<td data-label="Action"><form method="post" action="/account/sessions/{html.escape(s.ref)}/revoke" '
+            f'class="inline">{html_of(xsrf)}<button type="submit" class="{button}">{action}</button></form></td>\n'
+            f'</tr>\n')
+    return Markup("".join(out))  # noqa: S704 (every value above is escaped)
+
+
+def html_of(value: object) -> str:
+    """A template value as HTML: its ``__html__`` when it has one (Markup, the XSRF field), else escaped."""
+    to_html = getattr(value, "__html__", None)
+    return to_html() if to_html else html.escape(str(value))
 
 
 FILTERS = {"utc": utc, "duration": duration, "ua": ua_summary, "iso": iso_ms, "when": when, "ago": ago,
