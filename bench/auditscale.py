@@ -1,10 +1,10 @@
-"""Measurements 5, 6 and the audit half of 8: /admin/audit on a small and a large trail, the
-ndjson export of the large one, and Redis memory per audit event.
+"""Measurements 5, 6, the audit half of 8 and 9: /admin/audit on a small and a large trail, the
+ndjson export of the large one, Redis memory per audit event, and the seals.
 
 Two sites, each on its own Redis: one with ``events_small`` events, one with ``events_large``,
-bulk-loaded through the site's own ``emit`` (pipelined EVALSHA, 1,000 events a call). Users are
-written directly (no `register` events), then an admin is created with ``server.py create-user``
-and logs in through POST /login.
+bulk-loaded through the site's own ``emit`` (pipelined EVALSHA, 1,000 events a call) while the site
+runs and seals them (sealing.py). Users are written directly (no `register` events), then an admin
+is created with ``server.py create-user`` and logs in through POST /login.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import data
 import redis
+import sealing
 from common import (
     PASSWORD,
     UA,
@@ -46,6 +47,7 @@ class AuditScale:
         self.cookies: dict[str, str] = {}
         self.load_info: dict[str, dict[str, Any]] = {}
         self.hot_email = data.email_of(HOT_UID)
+        self.metrics_port = 0
 
     def start(self) -> None:
         b = self.b
@@ -55,21 +57,41 @@ class AuditScale:
             server = b.children.redis_server(f"audit-{name}")
             client = redis.Redis.from_url(server.url)
             data.write_users(client, USERS, password_hash, end_ms - n * 2500)
+            # The site runs while the trail is loaded: it seals as the events come, at the fastest
+            # rate this bench appends (row 9), as it would in production.
+            site, port = sealing.site_with_metrics(b, f"audit-{name}", server)
+            site.start()
             before = client.info("memory")["used_memory"]
-            log(f"audit: loading {n:,} events into the {name} trail")
+            log(f"audit: loading {n:,} events into the {name} trail, its site sealing them")
+            watcher = sealing.SealWatcher(server.url)
+            calls: list[tuple[float, str, int]] = []
             b.pinning.pin_self(None)  # generate on the other core while Redis works
+            started = time.monotonic()
             try:
-                seconds = data.load_events(client, n, data.EventSpec(hot_uid=HOT_UID, users=USERS), end_ms)
+                seconds = data.load_events(client, n, data.EventSpec(hot_uid=HOT_UID, users=USERS), end_ms,
+                                           calls=calls)
             finally:
                 b.pinning.pin_self("load")
+            caught_up = sealing.wait_sealed(client, 120)
+            watcher.stop()
+            if caught_up is None:
+                raise RuntimeError(f"the {name} site did not seal its trail within 2 minutes of the load")
             after = client.info("memory")["used_memory"]
             length = client.xlen(keys.AUDIT)
+            seals = sealing.seal_bytes(client)
+            events_bytes = after - before - seals["seal_bytes"]
             self.load_info[name] = {"events": n, "stream_length": length, "load_s": seconds,
                                     "load_events_per_s": n / seconds, "used_memory_delta": after - before,
-                                    "bytes_per_event": (after - before) / n}
-            log(f"audit: {name}: {n / seconds:,.0f} events/s, {(after - before) / n:.0f} B/event")
+                                    "bytes_per_event": events_bytes / n, "sealed_after_load_s": caught_up,
+                                    **seals, **sealing.seal_lag(calls, watcher.arrivals, started)}
+            info = self.load_info[name]
+            log(f"audit: {name}: {n / seconds:,.0f} events/s, {events_bytes / n:.0f} B/event and "
+                f"{seals['seal_bytes_per_event']:.1f} B/event of seals; seal lag p50 {info['lag_p50_ms']:.0f} ms, "
+                f"p99 {info['lag_p99_ms']:.0f} ms, max {info['lag_max_ms']:.0f} ms; all sealed {caught_up:.1f} s "
+                "after the load")
+            if name == "large":
+                self.metrics_port = port
             client.close()
-            site = Site(b.children, f"audit-{name}", redis_server=server).start()
             site.create_user_cli(ADMIN_EMAIL, admin=True)
             sid, _ = login(site.port, ADMIN_EMAIL)
             self.cookies[name] = browser_cookie(site.port, "/admin/audit", sid)
@@ -128,6 +150,13 @@ class AuditScale:
             "first_cpu_ratio": median(p["first_cpu_ratio"] for p in per_round),
             "user_cpu_ratio": median(p["user_cpu_ratio"] for p in per_round),
         }
+
+    # -- 9. audit verify and a background pass at scale -------------------------------------------
+
+    def verify(self) -> dict[str, Any]:
+        b = self.b
+        wait = max(20.0, min(150.0, b.spare("verify") - 5))
+        return sealing.verify_at_scale(b, self.sites["large"], self.metrics_port, wait)
 
     # -- 6. export ---------------------------------------------------------------------------------
 

@@ -140,15 +140,18 @@ def generate_events(n: int, end_ms: int, spacing_ms: int, spec: EventSpec, seed:
 
 
 def load_events(client: redis.Redis, n: int, spec: EventSpec, end_ms: int, spacing_ms: int = 2500,
-                per_call: int = 1000, calls_per_pipe: int = 4) -> float:
+                per_call: int = 1000, calls_per_pipe: int = 4,
+                calls: list[tuple[float, str, int]] | None = None) -> float:
     """Append ``n`` events through ``emit``; return the seconds it took."""
-    return load_stream(client, generate_events(n, end_ms, spacing_ms, spec), per_call, calls_per_pipe)
+    return load_stream(client, generate_events(n, end_ms, spacing_ms, spec), per_call, calls_per_pipe, calls)
 
 
 def load_stream(client: redis.Redis, events: Iterable[list[object]], per_call: int = 1000,
-                calls_per_pipe: int = 4) -> float:
+                calls_per_pipe: int = 4, calls: list[tuple[float, str, int]] | None = None) -> float:
     """Append ``events`` (LOADER argument groups, oldest first) through ``emit``; return the seconds
-    it took. Generation runs in a thread so Python's work overlaps Redis's."""
+    it took. Generation runs in a thread so Python's work overlaps Redis's. ``calls`` receives, per
+    call, about when it began (monotonic), the id of its last event and its number of events (the
+    seal lag of bench row 9)."""
     script = client.register_script(keys.LUA_PRELUDE + LOADER)
     batches: queue.Queue[list[object] | None] = queue.Queue(maxsize=8)
 
@@ -172,15 +175,22 @@ def load_stream(client: redis.Redis, events: Iterable[list[object]], per_call: i
     while not done:
         with client.pipeline(transaction=False) as pipe:
             queued = 0
+            sizes = []
             while queued < calls_per_pipe:
                 batch = batches.get()
                 if batch is None:
                     done = True
                     break
                 script(args=batch, client=pipe)
+                sizes.append(batch[0])
                 queued += 1
             if queued:
-                pipe.execute()
+                sent = time.monotonic()
+                replies = pipe.execute()
+                took = time.monotonic() - sent
+                if calls is not None:  # call k began about k parts of the pipeline's time in
+                    calls.extend((sent + took * k / queued, last.decode(), size)
+                                 for k, (last, size) in enumerate(zip(replies, sizes, strict=True)))
     thread.join()
     return time.perf_counter() - start
 

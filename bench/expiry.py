@@ -19,6 +19,7 @@ from typing import Any
 
 import data
 import redis
+import sealing
 from common import PASSWORD, Site, log, median, percentile
 
 from sessionaudit import keys
@@ -65,6 +66,7 @@ class Expiry:
             f"(+{memory['bytes_per_login_event']:.0f} B for its login event)")
 
         self.site = Site(b.children, "expiry", redis_server=server).start()
+        sealing.wait_sealed(client, 120)  # the login events loaded before it started: sealed first
         lead = opts.burst / memory["create_sessions_per_s"] * 1.5 + 2.0
         bursts = []
         for i in range(opts.bursts):

@@ -30,6 +30,7 @@ from typing import Any
 
 import data
 import redis
+import sealing
 from common import (
     PASSWORD,
     PY,
@@ -258,6 +259,14 @@ class Flood:
             end_ms = int(time.time() * 1000) - 60_000
             log(f"flood: a trail of {n:,} events over {days} days, each with a new 512-byte user agent")
             seconds = data.load_stream(client, _trail(n, end_ms - days * DAY_MS, end_ms))
+            # Retention removes sealed batches only (seal.py): a site seals the trail first, as it would have.
+            sealer = Site(b.children, "flood-trail-seal", redis_server=server).start()
+            try:
+                if sealing.wait_sealed(client, 60) is None:
+                    raise RuntimeError("the site did not seal the trail within 60 s")
+            finally:
+                sealer.stop()
+                sealer.redis.close()
             before = _dictionaries(client)
             stream_before = client.xlen(keys.AUDIT)
             data_dir = b.children.tmp / "flood-trail"

@@ -11,7 +11,9 @@ login storm; 4 login p50 vs one argon2 verify, and login rate; 5 /admin/audit on
 6 the ndjson export of 1M events (events/s, server RSS growth); 7 expiry lag with 100k live
 sessions, 10k expiring in one second; 8 Redis memory per live session and per audit event; 9 a
 flood of refused logins: Redis memory per attempt, /account p99 during the flood, and the user-agent
-dictionaries after a retention trim.
+dictionaries after a retention trim; 10 the sealed
+trail: sealing rate and lag at the fastest append rate, seal bytes per event, `audit verify` of 1M
+events and the site's background pass over them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from flood import Flood
 from load import Load
 from web import Web
 
-SECTIONS = ("pages", "redis", "storm", "login", "audit", "export", "expiry", "flood")
+SECTIONS = ("pages", "redis", "storm", "login", "audit", "export", "verify", "expiry", "flood")
 
 
 @dataclass
@@ -92,11 +94,12 @@ class Bench:
             "redis": 15,
             "storm": 8 + o.rounds * (2 * o.storm_duration + 6),
             "login": 5 + o.rounds * (o.login_samples * 0.8 + o.storm_duration + 3),
-            "audit": 30 + o.events_large / 8000 + o.rounds * 4 * (o.audit_duration + 1.5),
+            "audit": 30 + o.events_large / 15000 + o.rounds * 4 * (o.audit_duration + 1.5),
             "export": 45,
+            "verify": 20 + o.events_large / 20000,
             "expiry": 15 + o.sessions / 6000 + o.bursts * 12,
             "flood": 35 + o.flood_attempts / 400 + o.rounds * (2 * o.flood_duration + 6)
-            + o.trail_days * o.trail_per_day / 5000,
+            + o.trail_days * o.trail_per_day / 5000 + 5,
         }[phase]
 
     def spare(self, phase: str) -> float:
@@ -141,13 +144,14 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
                 _fail(results, "web", e)
             finally:
                 web.close()
-        if wanted & {"audit", "export"}:
+        if wanted & {"audit", "export", "verify"}:
             audit = AuditScale(bench)
             try:
                 audit.start()
                 results["audit_load"] = audit.load_info
                 _section(results, "audit", wanted, audit.pages)
                 _section(results, "export", wanted, audit.export)
+                _section(results, "verify", wanted, audit.verify)
             except Exception as e:
                 _fail(results, "audit", e)
             finally:
@@ -212,7 +216,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
 
     def missing(what: str, bar: str, key: str) -> None:
         group = {"pages": "web", "redis": "web", "storm": "web", "login": "web", "export": "audit",
-                 "flood_memory": "flood", "flood_pages": "flood", "flood_dictionaries": "flood"}.get(key, key)
+                 "verify": "audit", "flood_memory": "flood", "flood_pages": "flood",
+                 "flood_dictionaries": "flood"}.get(key, key)
         err = r["errors"].get(key) or r["errors"].get(group)
         add(what, "error" if err else "not run", "", "", bar, None)
 
@@ -330,6 +335,30 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
             fd["only_kept_days_remain"] and not fd["kept_events_without_agent"])
     else:
         missing("9 user-agent dictionaries after a trim", "only kept days remain", "flood_dictionaries")
+    if al:
+        fast = al["load_events_per_s"] >= 20_000
+        add(f"10 sealing while {_n(al['events'])} events are appended", f"{al['load_events_per_s']:,.0f} events/s, "
+            f"lag p99 {al['lag_p99_ms']:,.0f} ms", f"p50 {al['lag_p50_ms']:,.0f} ms, max {al['lag_max_ms']:,.0f} ms",
+            "", ">= 20,000/s, p99 <= 2 s", fast and al["lag_p99_ms"] <= 2000)
+        add(f"10 seal memory per event ({_n(al['events'])})", f"{al['seal_bytes_per_event']:.1f} B",
+            f"{al['events_per_seal']:,.0f} events a seal", "", "<= 24 B", al["seal_bytes_per_event"] <= 24)
+    else:
+        missing("10 sealing at the fastest append rate", ">= 20,000/s, p99 <= 2 s", "audit")
+    vf = r.get("verify")
+    if vf:
+        add(f"10 audit verify, {_n(vf['cli_events'])} events", f"{vf['cli_seconds']:.1f} s",
+            f"{'intact' if vf['cli_ok'] else 'NOT INTACT'}; CPU {vf.get('cli_cpu_seconds') or 0:.1f} s", "", "<= 30 s",
+            vf["cli_ok"] and vf["cli_seconds"] <= 30)
+        if vf.get("pass_seconds"):
+            cpu = vf.get("pass_process_cpu_seconds")
+            cpu = cpu if cpu is not None else vf["pass_cpu_seconds"] or 0
+            add(f"10 background pass, {_n(vf['pass_events'])} events",
+                f"{vf['pass_seconds']:.0f} s, CPU {cpu:.1f} s",
+                f"{cpu / vf['pass_seconds']:.0%} of a core"
+                f"{'' if vf['pass_while_idle'] else ' (partly while pages were served)'}",
+                "", "bounded CPU, <= 5 s between", None)
+    else:
+        missing("10 audit verify, large trail", "<= 30 s", "verify")
     return out
 
 

@@ -24,6 +24,7 @@ from sessionaudit.app import make_app
 from sessionaudit.audit import AuditLog
 from sessionaudit.cli import audit_command, check_redis
 from sessionaudit.redis_server import RedisServer, RedisServerError, find_redis_server
+from sessionaudit.seal import verify_redis
 
 ACL_FILE = ROOT / "docs" / "redis-users.acl"
 PASSWORDS = {"SITE": "site-test-password", "MAINT": "maint-test-password", "ADMIN": "admin-test-password"}
@@ -180,8 +181,9 @@ async def test_site_user_cannot_delete_trim_or_overwrite_the_audit_trail(browser
 
 
 async def test_scripts_run_as_the_site_user_cannot_trim_or_delete(browser: Browser, site: aioredis.Redis,
-                                                                  admin: aioredis.Redis, clock: Any) -> None:
+                                                                  admin: aioredis.Redis, clock: Any, app: Any) -> None:
     await browser.register("alice@example.com")
+    assert await app.ctx.seals.seal_once() == 2  # retention removes sealed events only
     before = await _audit_snapshot(admin)
     timelines = await admin.hgetall("sa:sessev")
     assert timelines
@@ -226,18 +228,24 @@ async def test_detect_mode(site: aioredis.Redis, admin: aioredis.Redis, maint: a
 
 async def test_maintenance_user_trims_and_does_nothing_else(browser: Browser, new_browser: Any, clock: Any,
                                                             maint: aioredis.Redis, maint_url: str,
-                                                            admin: aioredis.Redis) -> None:
+                                                            admin: aioredis.Redis, app: Any) -> None:
     await browser.register("old@example.com")
     await browser.logout()
+    assert await app.ctx.seals.seal_once() == 3  # sealed as the site user
     clock.advance(3600)
     cutoff = int(clock() * 1000) - 1  # before the new account's events (TRIM's bound includes its own ms)
     await new_browser().register("new@example.com")
+    assert await app.ctx.seals.seal_once() == 2
     old_uid = (await admin.hget(keys.EMAILS, "old@example.com")).decode()
     new_uid = (await admin.hget(keys.EMAILS, "new@example.com")).decode()
     assert await admin.hlen(keys.SESSION_EVENTS) == 2
 
     assert await AuditLog(maint).trim_step(cutoff) == 3  # register, login, logout of the old account
     assert [e.type for e in await read_events(admin)] == ["register", "login"]
+    # The seal of the batch it removed stays, as the marker of where the kept trail begins: it verifies.
+    assert await admin.xlen(keys.SEALS) == 2
+    report = await verify_redis(admin, app.ctx.seals.keys, now_ms=int(clock() * 1000), retention_days=0)
+    assert report.ok and report.removed == 3 and report.events == 2
     assert await admin.xlen(keys.AUDIT_USER + old_uid) == 0
     assert await admin.xlen(keys.AUDIT_USER + new_uid) == 2
     assert await admin.xlen(keys.AUDIT_TYPE + "logout") == 0
@@ -249,6 +257,7 @@ async def test_maintenance_user_trims_and_does_nothing_else(browser: Browser, ne
     assert await admin.xlen(keys.AUDIT) == 0
 
     for command in (("XADD", keys.AUDIT, "*", "t", "forged"), ("DEL", keys.AUDIT_TYPE + "login"),
+                    ("XADD", keys.SEALS, "*", "k", "c1"), ("DEL", keys.SEALS), ("GET", keys.SEAL_LEASE),
                     ("XDEL", keys.AUDIT, "1-0"), ("HGET", keys.USER + new_uid, "hash"),
                     ("HDEL", keys.USER + new_uid, "hash"), ("DEL", keys.SESSION_EVENTS), ("FLUSHALL",),
                     ("KEYS", "*"), ("CONFIG", "GET", "maxmemory")):
@@ -257,12 +266,35 @@ async def test_maintenance_user_trims_and_does_nothing_else(browser: Browser, ne
     assert await admin.hget(keys.USER + new_uid, "email") == b"new@example.com"
 
 
+async def test_the_site_user_seals_but_cannot_remove_or_rewrite_seals(browser: Browser, site: aioredis.Redis,
+                                                                      admin: aioredis.Redis, app: Any,
+                                                                      clock: Any) -> None:
+    await browser.register("alice@example.com")
+    assert await app.ctx.seals.seal_once() == 2  # the lease under sa:, the seal appended to audit:seal
+    await app.ctx.seals.follow_once()
+    seals = await admin.xrange(keys.SEALS)
+    assert len(seals) == 1
+    newest = seals[0][0].decode()
+    for command in (("XDEL", keys.SEALS, newest), ("XTRIM", keys.SEALS, "MAXLEN", "0"), ("DEL", keys.SEALS),
+                    ("RENAME", keys.SEALS, "sa:x"), ("COPY", keys.SEALS, "sa:x"), ("EXPIRE", keys.SEALS, "1"),
+                    ("SET", keys.SEALS, "x")):
+        with pytest.raises(NoPermissionError):
+            await site.execute_command(*command)
+    with pytest.raises(ResponseError, match=r"(?i)NOPERM|can't access|no permissions"):
+        await site.eval("return redis.call('XDEL', 'audit:seal', ARGV[1])", 0, newest)
+    assert await admin.xrange(keys.SEALS) == seals
+    report = await verify_redis(site, app.ctx.seals.keys, now_ms=int(clock() * 1000), retention_days=365)
+    assert report.ok and report.events == 2 and app.ctx.seals.status.verified_id == newest
+
+
 async def test_maintenance_user_drops_the_dictionaries_of_trimmed_days(browser: Browser, new_browser: Any,
                                                                        clock: Any, maint: aioredis.Redis,
-                                                                       admin: aioredis.Redis) -> None:
+                                                                       admin: aioredis.Redis, app: Any) -> None:
     await browser.register("old@example.com")
+    await app.ctx.seals.seal_once()  # retention removes sealed batches
     clock.advance(2 * 86_400)
     await new_browser().register("new@example.com")
+    await app.ctx.seals.seal_once()
     assert len(await admin.keys(keys.AGENTS + "*")) == 2
     while await AuditLog(maint).trim_step(int(clock() * 1000) - 86_400_000):
         pass

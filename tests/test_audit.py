@@ -283,8 +283,10 @@ async def test_verify_passes_then_catches_planted_violations(browser: Browser, r
 async def test_retention_trims_old_events_and_indexes(rdb, app, clock) -> None:
     users = app.ctx.users
     await users.create("old@example.com", "x")
+    await app.ctx.seals.seal_once()  # retention removes whole sealed batches (see test_seal.py)
     clock.advance(10 * 86400)
     await users.create("new@example.com", "x")
+    await app.ctx.seals.seal_once()
     audit: AuditLog = app.ctx.audit
     cutoff = int((clock() - 5 * 86400) * 1000)
     assert await audit.trim_step(cutoff) == 1
@@ -332,3 +334,15 @@ async def test_export_reads_entries_written_in_another_field_order(rdb, app) -> 
     assert rows == [{"id": "1700000000000-0", "type": "logout", "at": "2023-11-14T22:13:20.000Z",
                      "user": "odd@example.com", "session": "AAAAAAAAAAAAAAAA", "ip": None, "user_agent": None,
                      "reason": None, "actor": None}]
+
+
+def test_event_times_format_like_the_standard_library() -> None:
+    import datetime as dt
+    import random
+
+    from sessionaudit import events
+    rng = random.Random(11)
+    for ms in [0, 86_399_999, 86_400_000, 951_782_400_000, 1_700_000_000_123, 253_402_300_799_999,
+               *(rng.randrange(253_402_300_800_000) for _ in range(2000))]:
+        moment = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).replace(microsecond=(ms % 1000) * 1000)
+        assert events.iso_ms(ms) == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z", ms

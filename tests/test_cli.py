@@ -12,6 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,7 +78,7 @@ def test_two_sites_on_one_data_dir_are_refused(tmp_path: Path) -> None:
 def test_redis_url_from_environment(tmp_path: Path, redis_url: str) -> None:
     made = run("create-user", "--email=env@example.com", stdin=PASSWORD + "\n", REDIS_URL=redis_url)
     assert made.returncode == 0, made.stderr
-    verify = run("audit", "verify", f"--redis-url={redis_url}")
+    verify = run("audit", "verify", f"--redis-url={redis_url}", f"--data-dir={tmp_path}")  # not ./var's seal copy
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "register: 1" in verify.stdout
 
@@ -218,3 +219,90 @@ def test_processes_sharing_only_cookie_secret_share_sessions(tmp_path: Path, red
     finally:
         for site in sites:
             assert site.stop() == 0
+
+
+def _login(url: str, email: str) -> Any:
+    """An opener logged in through the login form (cookies kept)."""
+    import http.cookiejar
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(url + "/login").read()
+    xsrf = next(c.value for c in jar if c.name == "_xsrf")
+    body = urllib.parse.urlencode({"email": email, "password": PASSWORD, "_xsrf": xsrf}).encode()
+    opener.open(url + "/login", data=body).read()
+    return opener
+
+
+def test_seals_survive_restarts_and_audit_verify_checks_them(tmp_path: Path, redis_url: str) -> None:
+    """The real site seals, logs the newest seal and keeps it in --data-dir; after a restart it goes on
+    from there; `audit verify` (text and JSON, and --file for an export) passes, then names what changed."""
+    import json
+
+    import redis as sync_redis
+    secret = {"COOKIE_SECRET": "cli-test-cookie-secret-0123456789"}
+    copy = tmp_path / "audit-seal.json"
+
+    def recorded() -> int:
+        try:
+            return json.loads(copy.read_text())["events"]
+        except (OSError, ValueError):
+            return 0
+
+    def add_user(email: str) -> None:
+        made = run("create-user", f"--email={email}", "--admin", f"--redis-url={redis_url}",
+                   f"--data-dir={tmp_path}", stdin=PASSWORD + "\n", **secret)
+        assert made.returncode == 0, made.stderr
+
+    add_user("a@example.com")
+    site = Site(tmp_path, f"--redis-url={redis_url}", **secret)
+    assert wait_until(lambda: recorded() == 1, 10)
+    opener = _login(site.url, "a@example.com")  # a login event
+    assert wait_until(lambda: recorded() == 2, 10)
+    export = opener.open(site.url + "/admin/audit.ndjson?seals=1").read()
+    assert site.stop() == 0
+    assert "audit sealed through" in site.output()
+    again = Site(tmp_path, f"--redis-url={redis_url}", **secret)
+    add_user("b@example.com")
+    assert wait_until(lambda: recorded() == 3, 10)
+    assert again.stop() == 0
+    assert "continuing after seal" in again.output()
+
+    verify = run("audit", "verify", f"--redis-url={redis_url}", f"--data-dir={tmp_path}", **secret)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "sealed and verified through" in verify.stdout and "3 event(s) checked against 3 seal(s)" in verify.stdout
+    as_json = run("audit", "verify", f"--redis-url={redis_url}", f"--data-dir={tmp_path}", "--log-format=json",
+                  **secret)
+    summary = json.loads(as_json.stdout)
+    assert summary["ok"] is True and summary["seals"]["verified_through"]["events"] == 3
+
+    # The export made before the restart, checked offline; then one line changed.
+    exported = tmp_path / "audit.ndjson"
+    exported.write_bytes(export)
+    offline = run("audit", "verify", f"--file={exported}", **secret)
+    assert offline.returncode == 0 and "every event in the file is what was sealed" in offline.stdout
+    login_id = json.loads(export.splitlines()[2])["id"]
+    exported.write_bytes(export.replace(b'"type":"login"', b'"type":"logout"'))
+    offline = run("audit", "verify", f"--file={exported}", "--log-format=json", **secret)
+    assert offline.returncode == 1
+    problems = json.loads(offline.stdout)["problems"]
+    assert [(p["kind"], p["event"], p["message"]) for p in problems] == [
+        ("altered", login_id, f"event {login_id} was altered: it does not match its seal")]
+    keyless = tmp_path / "no-key"
+    keyless.mkdir()
+    assert run("audit", "verify", f"--file={exported}", f"--data-dir={keyless}").returncode == 2  # no key: usage
+
+    # Cut off the newest event together with its seal: only the copy outside Redis can tell.
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        newest = client.xrevrange("audit:log", count=1)[0][0]
+        entries = client.xrange("audit:log")[:-1]
+        for ident, fields in entries:
+            client.xadd("audit:copy", fields, id=ident)
+        client.rename("audit:copy", "audit:log")
+        client.xdel("audit:seal", newest)
+    finally:
+        client.close()
+    verify = run("audit", "verify", f"--redis-url={redis_url}", f"--data-dir={tmp_path}", **secret)
+    assert verify.returncode == 1
+    assert f"FAILED: the trail is shorter than the copy outside Redis ({copy}) says: it records seal " \
+           f"{newest.decode()} (3 events" in verify.stdout

@@ -124,6 +124,7 @@ async def test_retention_drops_user_agent_dictionaries_with_their_days(browser: 
     for day in range(3):
         b = new_browser(user_agent=f"Agent of day {day}")
         await b.register(f"day{day}@example.com")
+        await app.ctx.seals.seal_once()  # retention removes whole sealed batches (test_seal.py)
         clock.advance(86_400)
     days = sorted(int(k.decode().rsplit(":", 1)[1]) for k in await rdb.keys(keys.AGENTS + "*"))
     assert len(days) == 3
@@ -144,7 +145,9 @@ async def test_the_dictionary_of_earlier_versions_goes_once_no_kept_event_names_
                                 "i": "10.0.0.9", "g": "0123456789ab", "r": "bad_credentials", "c": ""},
                    id=f"{int(clock() * 1000) - 5000}-0")
     await rdb.set(keys.LEGACY_AGENTS_UNTIL, int(clock() * 1000))  # what the first start after the upgrade writes
+    await app.ctx.seals.seal_once()
     await new_browser().register("new@example.com")
+    await app.ctx.seals.seal_once()
     [old, *_] = await read_events(rdb)
     assert old.user_agent == "An old browser"  # still read from the old dictionary
     await AuditLog(rdb).trim_step(int(clock() * 1000))  # removes the old event only

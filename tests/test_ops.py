@@ -133,12 +133,12 @@ def test_metrics_count_real_traffic(tmp_path: Path, redis_url: str) -> None:
     assert 'sessionaudit_audit_events_total{type="login_failed"} 1.0' in text
 
 
-def test_commands_print_json_with_log_format_json(redis_url: str) -> None:
+def test_commands_print_json_with_log_format_json(redis_url: str, tmp_path: Path) -> None:
     made = run("create-user", "--email=j@example.com", f"--redis-url={redis_url}", "--log-format=json",
                stdin=PASSWORD + "\n")
     assert made.returncode == 0
     assert json.loads(made.stdout) == {"message": "created user 1 (not admin)", "created_user": "1", "admin": False}
-    verify = run("audit", "verify", f"--redis-url={redis_url}", "--log-format=json")
+    verify = run("audit", "verify", f"--redis-url={redis_url}", f"--data-dir={tmp_path}", "--log-format=json")
     summary = json.loads(verify.stdout)
     assert summary["ok"] is True and summary["by_type"] == {"register": 1}
     bad = run("create-user", "--email=j@example.com", f"--redis-url={redis_url}", "--log-format=json",

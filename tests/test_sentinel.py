@@ -398,7 +398,7 @@ def test_server_and_commands_follow_password_protected_sentinels(tmp_path: Path)
         ha.wait_replicas_synced(count=1)
         made = run("create-user", "--email=dev@example.com", stdin=PASSWORD + "\n", **env)
         assert made.returncode == 0, made.stderr
-        verify = run("audit", "verify", **env)
+        verify = run("audit", "verify", f"--data-dir={tmp_path}", **env)  # the site's: its seal key
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert "register: 2" in verify.stdout
         assert site.stop() == 0

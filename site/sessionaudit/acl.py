@@ -8,8 +8,8 @@ site can leave trimming to that job instead of failing (and logging) at every sw
 It never deletes anything:
 
 * Redis 7 and later: one script asks ``redis.acl_check_cmd`` whether the connected user may run
-  each command of the retention script (``audit.TRIM``): XRANGE on the stream, XTRIM on the stream
-  and on both kinds of index stream, HDEL on the session-events hash. The commands are checked,
+  each command of the retention script (``audit.TRIM``): XRANGE on the stream, XTRIM on the stream,
+  on both kinds of index stream and on the seals, HDEL on the session-events hash. The commands are checked,
   not run. (``ACL DRYRUN``, which would answer the same, is an admin command.)
 * Older Redis, or a user that may not run scripts: ``XTRIM <key> MINID 0`` on the stream and on
   one index stream of each kind. MINID 0 removes entries older than id 0-0, of which there are
@@ -36,6 +36,7 @@ _CHECKS: list[list[str]] = [
     ["XTRIM", keys.AUDIT, "MINID", "0"],
     ["XTRIM", keys.AUDIT_TYPE + "login", "MINID", "0"],
     ["XTRIM", keys.AUDIT_USER + "1", "MINID", "0"],
+    ["XTRIM", keys.SEALS, "MINID", "0"],
     ["HDEL", keys.SESSION_EVENTS, "acl-probe"],
 ]
 

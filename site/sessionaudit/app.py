@@ -27,6 +27,7 @@ from .passkeys import PasskeyStore
 from .passwords import Passwords
 from .ratelog import RateLimitedLog
 from .resets import ResetStore
+from .seal import SealKeys, SealService
 from .sessions import SessionStore
 from .stats import Stats
 from .throttle import Throttle
@@ -64,6 +65,11 @@ class Context:
         self.passwords = Passwords(settings, on_hash=self.metrics.hash_seconds.observe)
         self.resets = ResetStore(redis, settings, clock, count)
         self.mailer = Mailer(settings, count=self.metrics.mail_result, pending=self.metrics.mail_queue.set)
+        # Seals the trail (while this process holds the lease) and verifies it; started by `serve`, which
+        # also gives it the copy outside Redis. Background passes slow down while requests are served.
+        self.seals = SealService(redis, SealKeys.from_settings(settings), clock,
+                                 retention_days=settings.audit_retention_days, metrics=self.metrics,
+                                 busy=lambda: self.in_flight > len(self.live.followers))
         self.jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(settings.template_path),
             autoescape=True,

@@ -75,13 +75,31 @@ out[1] = cursor or ''
 return out
 """
 
-# Retention: remove up to ARGV[2] events older than ARGV[1] ms, with their index entries, and the
-# user-agent dictionaries of days no kept event is from. Bounded work per call; the sweeper calls it
-# a step at a time.
+# Retention: remove whole sealed batches of events older than ARGV[1] ms, oldest first, at least one
+# batch and about ARGV[2] events per call, with their index entries, the seals before the last batch
+# removed (its own seal stays: the marker of where the kept trail begins; see seal.py), and the
+# user-agent dictionaries of days no kept event is from. Events not sealed yet are never removed.
+# Bounded work per call; the sweeper calls it a step at a time.
 TRIM = r"""
 local cutoff, batch = ARGV[1], tonumber(ARGV[2])
-local old = redis.call('XRANGE', 'audit:log', '-', '(' .. cutoff .. '-0', 'COUNT', batch)
-if #old == 0 then return 0 end
+local first = redis.call('XRANGE', 'audit:log', '-', '+', 'COUNT', 1)[1]
+if not first then return 0 end
+-- The seals from the oldest kept event on, older than the cutoff: add whole batches up to `batch` events.
+local boundary, n, from = nil, 0, first[1]
+while n < batch do
+  local seals = redis.call('XRANGE', 'audit:seal', from, '(' .. cutoff .. '-0', 'COUNT', 16)
+  for _, s in ipairs(seals) do
+    local d = ''
+    for i = 1, #s[2], 2 do if s[2][i] == 'd' then d = s[2][i + 1] end end
+    boundary = s[1]
+    n = n + math.floor(#d / 8)
+    if n >= batch then break end
+  end
+  if #seals < 16 then break end
+  from = '(' .. seals[#seals][1]
+end
+if not boundary then return 0 end
+local old = redis.call('XRANGE', 'audit:log', '-', boundary)
 local users, types, sessions, days = {}, {}, {}, {}
 for _, e in ipairs(old) do
   local f = {}
@@ -91,8 +109,7 @@ for _, e in ipairs(old) do
   if f.t and f.t ~= '' then types[f.t] = true end
   days[math.floor(tonumber(string.match(e[1], '^(%d+)')) / 86400000)] = true
 end
-local last = old[#old][1]
-local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+local ms, seq = string.match(boundary, '^(%d+)-(%d+)$')
 local upto = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
 -- The stream first: for a user who may not trim it (append-only mode) the script stops here,
 -- before it has changed anything, since Redis does not roll a failed script back.
@@ -100,15 +117,16 @@ local removed = redis.call('XTRIM', 'audit:log', 'MINID', upto)
 for uid, _ in pairs(users) do redis.call('XTRIM', 'audit:u:' .. uid, 'MINID', upto) end
 for t, _ in pairs(types) do redis.call('XTRIM', 'audit:t:' .. t, 'MINID', upto) end
 for _, s in ipairs(sessions) do redis.call('HDEL', 'sa:sessev', s) end
+redis.call('XTRIM', 'audit:seal', 'MINID', boundary)
 -- A day's dictionary goes once no kept event is from that day (or an earlier one).
-local first = redis.call('XRANGE', 'audit:log', '-', '+', 'COUNT', 1)[1]
-local kept_ms = first and tonumber(string.match(first[1], '^(%d+)')) or tonumber(ms)
+local kept = redis.call('XRANGE', 'audit:log', '-', '+', 'COUNT', 1)[1]
+local kept_ms = kept and tonumber(string.match(kept[1], '^(%d+)')) or tonumber(ms)
 local kept_day = math.floor(kept_ms / 86400000)
 for day, _ in pairs(days) do
   if day < kept_day then redis.call('DEL', 'audit:ua:' .. string.format('%.0f', day)) end
 end
 local legacy_until = tonumber(redis.call('GET', 'sa:ua:legacy'))
-if legacy_until and first and kept_ms >= legacy_until then
+if legacy_until and kept and kept_ms >= legacy_until then
   redis.call('DEL', 'audit:ua')
   redis.call('DEL', 'sa:ua:legacy')
 end
@@ -345,40 +363,62 @@ class AuditLog:
 
     async def verify(self, chunk: int = 5000) -> Summary:
         """Replay the whole stream and check the session invariants."""
-        summary = Summary()
-        logins: dict[str, str] = {}  # ref -> login id
-        ended: dict[str, str] = {}  # ref -> end event id
+        check = StoryCheck()
         cursor = "-"
         while True:
-            entries = await self.redis.xrange(keys.AUDIT, cursor, "+", count=chunk)
+            entries = await self.redis.execute_command(b"XRANGE", keys.AUDIT, cursor, "+", "COUNT", chunk)
             if not entries:
                 break
-            for entry_id, fields in entries:
-                ev = Event.from_entry(entry_id, fields)
-                summary.events += 1
-                summary.by_type[ev.type] += 1
-                if ev.type not in events.TYPES:
-                    summary.problems.append(f"{ev.id}: unknown type {ev.type!r}")
-                if not ev.session:
-                    continue
-                if ev.type == events.LOGIN:
-                    if ev.session in logins:
-                        summary.problems.append(f"{ev.id}: second login for session {ev.session}")
-                    logins[ev.session] = ev.id
-                elif ev.type in events.END_TYPES:
-                    if ev.session not in logins:
-                        summary.problems.append(f"{ev.id}: {ev.type} for session {ev.session} with no login before it")
-                    if ev.session in ended:
-                        summary.problems.append(f"{ev.id}: second end ({ev.type}) for session {ev.session}, "
-                                                f"first at {ended[ev.session]}")
-                    ended[ev.session] = ev.id
+            check.feed(entries)
             cursor = "(" + entries[-1][0].decode()
+        return await check.finish(self.redis)
+
+
+class StoryCheck:
+    """The session stories of ``audit verify``: one login per session, at most one end after it, and
+    live sessions exactly the logins without an end. Fed raw stream entries, oldest first, a chunk at
+    a time, so the seal verification's pass over the trail can check them too."""
+
+    def __init__(self) -> None:
+        self.summary = Summary()
+        self.logins: dict[str, str] = {}  # ref -> login id
+        self.ended: dict[str, str] = {}  # ref -> end event id
+
+    def feed(self, entries: list[Any]) -> None:
+        summary, logins, ended = self.summary, self.logins, self.ended
+        for entry_id, flat in entries:
+            if len(flat) >= 20 and flat[2] == b"t" and flat[10] == b"s":  # emit()'s field order
+                kind, ref = flat[3].decode(), flat[11].decode()
+            else:
+                f = events.entry_fields(flat)
+                kind, ref = f.get(b"t", b"").decode(), f.get(b"s", b"").decode()
+            summary.events += 1
+            summary.by_type[kind] += 1
+            if kind not in events.TYPES:
+                summary.problems.append(f"{entry_id.decode()}: unknown type {kind!r}")
+            if not ref:
+                continue
+            if kind == events.LOGIN:
+                if ref in logins:
+                    summary.problems.append(f"{entry_id.decode()}: second login for session {ref}")
+                logins[ref] = entry_id.decode()
+            elif kind in events.END_TYPES:
+                ident = entry_id.decode()
+                if ref not in logins:
+                    summary.problems.append(f"{ident}: {kind} for session {ref} with no login before it")
+                if ref in ended:
+                    summary.problems.append(f"{ident}: second end ({kind}) for session {ref}, first at {ended[ref]}")
+                ended[ref] = ident
+
+    async def finish(self, redis: aioredis.Redis) -> Summary:
+        """Compare with the live sessions in Redis; the summary."""
+        summary, logins, ended = self.summary, self.logins, self.ended
         open_refs = {ref for ref in logins if ref not in ended}
-        live = {m.decode().split("|", 1)[0] for m in await self.redis.zrange(keys.DEADLINES, 0, -1)}
+        live = {m.decode().split("|", 1)[0] for m in await redis.zrange(keys.DEADLINES, 0, -1)}
         summary.sessions = len(logins)
         summary.open_sessions = len(open_refs)
         summary.live_sessions = len(live)
-        first = await self.redis.xrange(keys.AUDIT, "-", "+", count=1)
+        first = await redis.xrange(keys.AUDIT, "-", "+", count=1)
         trimmed_before = first[0][0].decode() if first else None
         for ref in sorted(live - open_refs):
             if ref not in logins and trimmed_before:

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
     parser.add_argument("--email", help="for create-user and reset-password: the account's email")
     parser.add_argument("--admin", action="store_true", help="for create-user: make the account an admin")
+    parser.add_argument("--file", metavar="EXPORT.ndjson",
+                        help="for audit verify: check an export made with seals (/admin/audit.ndjson?seals=1) "
+                             "offline, with the key, instead of the trail in Redis")
     return parser
 
 
@@ -92,7 +95,7 @@ def resolve_settings(ns: argparse.Namespace, environ: dict[str, str]) -> Setting
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, and the access fields when present."""
 
-    EXTRA = ("request_id", "method", "route", "path", "status", "duration_ms", "user")
+    EXTRA = ("request_id", "method", "route", "path", "status", "duration_ms", "user", "seal", "seal_problem")
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -282,6 +285,11 @@ async def serve(settings: Settings, url: str) -> None:
     sweeper.start()
     watch = redisconn.PrimaryWatch(client)  # with Sentinel: connections follow a planned failover at once
     watch.start()
+    from .seal import OutsideCopy, outside_path
+    ctx.seals.outside = OutsideCopy(outside_path(settings))
+    if not ctx.seals.keys.current:
+        log.warning("audit seals: no key (COOKIE_SECRET or AUDIT_KEY): events are not sealed")
+    ctx.seals.start()
     metrics_server = None
     if settings.metrics_port:
         from .handlers.metrics import start_metrics_server
@@ -309,6 +317,7 @@ async def serve(settings: Settings, url: str) -> None:
     except TimeoutError:
         log.warning("closing connections that did not finish in time")
     await sweeper.stop()
+    await ctx.seals.stop()
     await ctx.mailer.stop()  # what the mail server has not taken yet is kept in the outbox
     await watch.stop()
     ctx.close()
@@ -425,25 +434,7 @@ async def audit_command(url: str, action: str, settings: Settings) -> int:
     try:
         audit = AuditLog(client)
         if action == "verify":
-            summary = await audit.verify()
-            if settings.log_format == "json":
-                print(json.dumps({"events": summary.events, "by_type": dict(summary.by_type),
-                                  "sessions": summary.sessions, "open_sessions": summary.open_sessions,
-                                  "live_sessions": summary.live_sessions, "problems": summary.problems,
-                                  "ok": not summary.problems}))
-                return 1 if summary.problems else 0
-            print(f"events: {summary.events}")
-            for kind, count in sorted(summary.by_type.items()):
-                print(f"  {kind}: {count}")
-            print(f"sessions: {summary.sessions} logged in, {summary.open_sessions} not ended, "
-                  f"{summary.live_sessions} live in Redis")
-            if summary.problems:
-                print(f"{len(summary.problems)} problem(s):")
-                for problem in summary.problems[:100]:
-                    print(f"  {problem}")
-                return 1
-            print("ok: every session has one login and at most one end, after it; live sessions match")
-            return 0
+            return await verify_command(client, settings)
         if settings.audit_retention_days <= 0:
             say(settings, "audit_retention_days is 0: nothing to trim", trimmed=0)
             return 0
@@ -455,10 +446,117 @@ async def audit_command(url: str, action: str, settings: Settings) -> int:
             if removed == 0:
                 break
             await asyncio.sleep(0.01)  # let other clients in between steps
-        say(settings, f"trimmed {total} event(s) older than {settings.audit_retention_days} days", trimmed=total)
+        say(settings, f"trimmed {total} event(s) older than {settings.audit_retention_days} days (whole sealed "
+                      "batches; events not sealed yet stay)", trimmed=total)
         return 0
     finally:
         await client.aclose()
+
+
+async def verify_command(client: aioredis.Redis, settings: Settings) -> int:
+    """``audit verify``: the seals (against the copy outside Redis in --data-dir) and the session stories,
+    in one pass over the trail. Exit 1 naming the first problem; 0 and a summary when intact."""
+    from . import seal
+    from .audit import StoryCheck
+
+    keys_ = seal.SealKeys.from_settings(settings)
+    copy = seal.OutsideCopy(seal.outside_path(settings))
+    notes: list[str] = []
+    try:
+        outside = copy.read()
+    except ValueError as e:
+        outside = None
+        notes.append(f"{e}: the newest events cannot be checked against it")
+    if outside is None:
+        notes.append(f"no copy of the newest seal outside Redis at {copy.path} (the site writes it into its "
+                     "--data-dir): whether the newest events were cut off cannot be told here")
+    if not keys_ and (await client.exists(keys.SEALS) or outside is not None):
+        raise UsageError("audit verify needs the seal key: set COOKIE_SECRET (or AUDIT_KEY) as the site has it, "
+                         "or give the site's --data-dir")
+    stories = StoryCheck()
+    report = await seal.verify_redis(client, keys_, now_ms=int(time.time() * 1000),
+                                     retention_days=settings.audit_retention_days, outside=outside,
+                                     on_entries=stories.feed)
+    report.notes[:0] = notes
+    summary = await stories.finish(client)
+    ok = report.ok and not summary.problems
+    if settings.log_format == "json":
+        print(json.dumps({"events": summary.events, "by_type": dict(summary.by_type),
+                          "sessions": summary.sessions, "open_sessions": summary.open_sessions,
+                          "live_sessions": summary.live_sessions,
+                          "problems": [p.message for p in report.problems] + summary.problems,
+                          "ok": ok, "seals": report.to_json()}))
+        return 0 if ok else 1
+    print_seal_report(report, "the trail in Redis")
+    print(f"events: {summary.events}")
+    for kind, count in sorted(summary.by_type.items()):
+        print(f"  {kind}: {count}")
+    print(f"sessions: {summary.sessions} logged in, {summary.open_sessions} not ended, "
+          f"{summary.live_sessions} live in Redis")
+    if summary.problems:
+        print(f"{len(summary.problems)} problem(s) with the session stories:")
+        for problem in summary.problems[:100]:
+            print(f"  {problem}")
+    if not ok:
+        first = report.problems[0].message if report.problems else summary.problems[0]
+        print(f"FAILED: {first}")
+        return 1
+    print("ok: every event is what was sealed; every session has one login and at most one end, after it; "
+          "live sessions match")
+    return 0
+
+
+def print_seal_report(report: Any, what: str) -> None:
+    from .events import id_ms, iso_ms
+
+    def at(ident: str) -> str:
+        return iso_ms(id_ms(ident))
+
+    print(f"seals: {what}: {report.events} event(s) checked against {report.seals} seal(s)")
+    if report.marker is not None:
+        print(f"  the kept trail begins after event {report.marker.id} ({at(report.marker.id)}); retention "
+              f"removed {report.removed} event(s) before it")
+    if report.verified is not None and report.verified.total:
+        print(f"  sealed and verified through event {report.verified.id} ({at(report.verified.id)}), "
+              f"{report.verified.total} event(s) since the chain began")
+    if report.newest is not None:
+        print(f"  newest seal: {report.newest.id}, chain {report.newest.mac.hex()}")
+    if report.outside is not None:
+        state = "does not match" if any(p.kind == "cut_off" for p in report.problems) else "matches"
+        print(f"  copy outside Redis ({report.outside.path}): seal {report.outside.id}, {report.outside.total} "
+              f"event(s): {state}")
+    if report.unsealed:
+        print(f"  {report.unsealed} newer event(s), from {report.unsealed_from}, are not sealed yet (a running site "
+              "seals each within 2 s)")
+    for note in report.notes:
+        print(f"  note: {note}")
+    if report.problems:
+        print(f"  {len(report.problems) + report.more_problems} problem(s):")
+        for problem in report.problems:
+            print(f"    {problem.message}")
+
+
+def verify_file_command(path: str, settings: Settings) -> int:
+    """``audit verify --file EXPORT.ndjson``: an export with seals, checked offline with the key."""
+    from . import seal
+
+    keys_ = seal.SealKeys.from_settings(settings)
+    if not keys_:
+        raise UsageError("audit verify needs the seal key: set COOKIE_SECRET (or AUDIT_KEY) as the site has it, "
+                         "or give the site's --data-dir")
+    try:
+        report = seal.verify_export(seal.read_lines(path), keys_, path)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    if settings.log_format == "json":
+        print(json.dumps({"file": path, **report.to_json()}))
+        return 0 if report.ok else 1
+    print_seal_report(report, path)
+    if not report.ok:
+        print(f"FAILED: {report.problems[0].message}")
+        return 1
+    print("ok: every event in the file is what was sealed")
+    return 0
 
 
 # -- main -----------------------------------------------------------------------------
@@ -479,7 +577,15 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             raise UsageError("audit needs an action: verify or trim")
         if ns.command in ("create-user", "reset-password") and not ns.email:
             raise UsageError(f"{ns.command} needs --email")
-        settings = config.load_secrets(settings) if ns.command == "serve" else settings
+        try:
+            if ns.command == "serve":
+                settings = config.load_secrets(settings)
+            elif ns.command == "audit" and ns.action == "verify":
+                settings = config.load_secrets(settings, create=False)  # the site's key; never a new one
+        except ValueError as e:  # a malformed COOKIE_SECRET or AUDIT_KEY
+            raise UsageError(str(e)) from None
+        if ns.file and (ns.command, ns.action) != ("audit", "verify"):
+            raise UsageError("--file goes with audit verify")
         try:
             return _run(ns, settings)
         finally:
@@ -496,6 +602,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
 
 
 def _run(ns: argparse.Namespace, settings: Settings) -> int:
+    if ns.file:
+        return verify_file_command(ns.file, settings)  # offline: no Redis
     # Asked before Redis starts, so a prompt never holds the data dir while someone types.
     password = read_password(sys.stdin) if ns.command == "create-user" else ""
     # Commands use the Redis of a site running on this data dir; a second site is refused.

@@ -92,6 +92,8 @@ class Settings:
     # Set on its own (SESSION_SECRET, or the file of an earlier version): else derived from COOKIE_SECRET.
     session_secret: bytes = field(default=b"", metadata={"cli": False})
     session_secret_source: str = field(default="", metadata={"cli": False})  # for the start-up log line
+    # AUDIT_KEY (env only): the audit seal key set on its own, by version like COOKIE_SECRET; else derived from it.
+    audit_key: dict[int, str] = field(default_factory=dict, metadata={"cli": False})
     template_path: str = field(default=str(ROOT / "templates"), metadata={"cli": False})
     static_path: str = field(default=str(ROOT / "static"), metadata={"cli": False})
     session_ttl_slack: int = field(default=60, metadata={"cli": False})  # seconds a key outlives its deadline
@@ -334,27 +336,31 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-def load_secrets(settings: Settings, environ: dict[str, str] | None = None) -> Settings:
-    """Fill in the cookie secret (and a session secret set on its own) from the environment or data-dir.
+def load_secrets(settings: Settings, environ: dict[str, str] | None = None, *, create: bool = True) -> Settings:
+    """Fill in the cookie secret (and the session and audit keys set on their own) from the environment or data-dir.
 
     ``COOKIE_SECRET`` may be one secret or several as ``1:old,2:new`` (the highest version signs,
     all verify: rotate without logging anyone out). Without it, a random secret is generated once
     into ``<data-dir>/cookie_secret`` (mode 0600). Every other key is derived from it, unless set on
     its own: ``SESSION_SECRET`` keys the hash that names a session in Redis and in the audit trail;
     an earlier version generated one into ``<data-dir>/session_secret``, which is still used when
-    present so that an upgrade logs no one out (see the README's upgrade note).
+    present so that an upgrade logs no one out (see the README's upgrade note). ``AUDIT_KEY`` keys the
+    audit seals (same ``version:secret`` form). With ``create`` false (``audit verify``) nothing is
+    generated: a missing secret stays empty, since a new random one could verify nothing.
     """
     environ = os.environ if environ is None else environ
-    cookie = environ.get("COOKIE_SECRET") or _secret_file(settings.data_dir, "cookie_secret")
+    cookie = environ.get("COOKIE_SECRET") or _secret_file(settings.data_dir, "cookie_secret", create)
     session, source = environ.get("SESSION_SECRET", ""), "SESSION_SECRET"
     legacy = Path(settings.data_dir) / "session_secret"
     if not session and legacy.exists():
         session, source = legacy.read_text().strip(), str(legacy)
+    audit_key = environ.get("AUDIT_KEY", "")
     return dataclasses.replace(settings, cookie_secret=parse_cookie_secret(cookie), session_secret=session.encode(),
-                               session_secret_source=source if session else "")
+                               session_secret_source=source if session else "",
+                               audit_key=parse_cookie_secret(audit_key, "AUDIT_KEY") if audit_key else {})
 
 
-def parse_cookie_secret(text: str) -> dict[int, str]:
+def parse_cookie_secret(text: str, name: str = "COOKIE_SECRET") -> dict[int, str]:
     """``secret`` or ``1:old,2:new`` → {version: secret}."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if len(parts) == 1 and ":" not in parts[0]:
@@ -363,17 +369,18 @@ def parse_cookie_secret(text: str) -> dict[int, str]:
     for part in parts:
         version, sep, secret = part.partition(":")
         if not sep or not version.isdigit() or len(secret) < 16:
-            raise ValueError("COOKIE_SECRET must be one secret or `version:secret,...` with secrets of 16+ characters")
+            raise ValueError(f"{name} must be one secret or `version:secret,...` with secrets of 16+ characters")
         secrets_by_version[int(version)] = secret
     return secrets_by_version
 
 
-def _secret_file(data_dir: str, name: str) -> str:
+def _secret_file(data_dir: str, name: str, create: bool = True) -> str:
     path = Path(data_dir) / name
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        pass
+        if not create:
+            return ""
     path.parent.mkdir(parents=True, exist_ok=True)
     value = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
     # Write then link: the file appears whole or not at all, and the first process wins.

@@ -169,13 +169,19 @@ CSV_COLUMNS = ("id", "type", "at", "user", "session", "ip", "user_agent", "reaso
 
 
 def iso_ms(ms: int) -> str:
-    """UTC milliseconds → ``2026-11-28T16:35:50.123Z``."""
-    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
+    """UTC milliseconds → ``2026-11-28T16:35:50.123Z``.
+
+    The date is cached by day and the time of day is plain arithmetic: exports and the seal
+    verification format every event's time, and a trail's events rarely share a second.
+    """
+    seconds, milli = divmod(ms, 1000)
+    day, rem = divmod(seconds, 86400)
+    return f"{_iso_day(day)}T{rem // 3600:02d}:{rem // 60 % 60:02d}:{rem % 60:02d}.{milli:03d}Z"
 
 
 @functools.lru_cache(maxsize=4096)
-def _iso_second(seconds: int) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+def _iso_day(day: int) -> str:
+    return dt.date.fromordinal(719163 + day).isoformat()  # day 0 is 1970-01-01, ordinal 719163
 
 
 def entry_at(entry_id: str, f: dict[bytes, bytes]) -> int:
@@ -217,3 +223,9 @@ def agents_key(entry_id: str | bytes) -> str:
 def id_ms(entry_id: str) -> int:
     """The millisecond part of a stream id."""
     return int(entry_id.split("-", 1)[0])
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest stream id after ``entry_id``: an exclusive bound (``before=``) that includes it."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"

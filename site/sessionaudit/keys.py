@@ -61,6 +61,10 @@ PENDING_LOGIN = "sa:lp:"  # + SHA-256 of the pending step's id: hash u, e (email
 PASSKEY = "sa:pk:"  # + passkey ref: hash u, id, k (COSE key), n (sign count), name, a (added), l (last used), ...
 PASSKEYS = "sa:pks:"  # + uid: set of that user's passkey refs
 CHALLENGE_USED = "sa:wc:"  # + challenge nonce: a WebAuthn challenge already used; TTL until it expires
+# Tamper evidence (seal.py): one entry per sealed batch of events, its id the id of the batch's last
+# event; written by the process that holds the lease (its token and expiry, in ms of the site's clock).
+SEALS = "audit:seal"
+SEAL_LEASE = "sa:seal:lease"
 agents_key = events.agents_key
 
 

@@ -54,6 +54,26 @@ class Metrics:
             self.mail.labels(result)  # every series from the start, so a rate() sees the first failure
         self.mail_queue = Gauge("sessionaudit_mail_queue", "Mail waiting to be delivered (queued or between tries)",
                                 registry=r)
+        self.seal_failed = Gauge("sessionaudit_audit_verification_failed",
+                                 "1 when this process found the audit trail not what was sealed (see its ERROR log "
+                                 "line and the admin pages), else 0", registry=r)
+        self.verified_through = Gauge("sessionaudit_audit_verified_through_seconds",
+                                      "Unix time of the newest event this process has verified against its seal",
+                                      registry=r)
+        self.unsealed_age = Gauge("sessionaudit_audit_unsealed_seconds",
+                                  "Age of the oldest audit event not sealed yet (0: all sealed)", registry=r)
+        self.sealed_events = Counter("sessionaudit_audit_sealed_events", "Audit events sealed by this process",
+                                     registry=r)
+        self.seals = Counter("sessionaudit_audit_seals", "Seals written by this process", registry=r)
+        self.verify_seconds = Gauge("sessionaudit_audit_verify_pass_seconds",
+                                    "Duration of the last whole-trail verification pass", registry=r)
+        self.verify_cpu = Gauge("sessionaudit_audit_verify_pass_cpu_seconds",
+                                "CPU time of the IOLoop thread during the last whole-trail verification pass (the "
+                                "pass's own when the process served nothing else meanwhile)", registry=r)
+        self.verify_events = Gauge("sessionaudit_audit_verify_pass_events",
+                                   "Events checked by the last whole-trail verification pass", registry=r)
+        self.verify_passes = Counter("sessionaudit_audit_verify_passes", "Whole-trail verification passes finished",
+                                     registry=r)
 
     def login(self, result: str) -> None:
         self.logins.labels(result).inc()
@@ -70,6 +90,24 @@ class Metrics:
             self.expired.inc(expired)
             self.event("expired", expired)
         self.sweeper_lag.set(lag_ms / 1000)
+
+    def sealed(self, events: int) -> None:
+        self.seals.inc()
+        self.sealed_events.inc(events)
+
+    def unsealed(self, seconds: float) -> None:
+        self.unsealed_age.set(max(0.0, seconds))
+
+    def verify_pass(self, seconds: float, cpu: float, events: int) -> None:
+        self.verify_passes.inc()
+        self.verify_seconds.set(seconds)
+        self.verify_cpu.set(cpu)
+        self.verify_events.set(events)
+
+    def seal_status(self, failed: bool, verified_through: float | None) -> None:
+        self.seal_failed.set(1 if failed else 0)
+        if verified_through is not None:
+            self.verified_through.set(verified_through)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count a request. Each series' child is looked up once (routes, methods and statuses are few)."""

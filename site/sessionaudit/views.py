@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import ua_parser
 from markupsafe import Markup
 
-from .events import iso_ms
+from .events import iso_ms, next_id
 
 if TYPE_CHECKING:
     from .sessions import SessionView
@@ -129,7 +129,8 @@ def html_of(value: object) -> str:
     return to_html() if to_html else html.escape(str(value))
 
 
-FILTERS = {"utc": utc, "duration": duration, "ua": ua_summary, "iso": iso_ms, "when": when, "ago": ago}
+FILTERS = {"utc": utc, "duration": duration, "ua": ua_summary, "iso": iso_ms, "when": when, "ago": ago,
+           "next_id": next_id}
 
 
 # -- charts (server-side SVG) -------------------------------------------------------------

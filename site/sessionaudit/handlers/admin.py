@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 
 import orjson
 import tornado.iostream
 import tornado.web
 
-from .. import events, inputs, views
+from .. import events, inputs, seal, views
 from ..audit import BadQuery, Query
 from ..live import Follower, replay
 from .base import BaseHandler, admin, form, security_log
@@ -39,7 +40,7 @@ class DashboardHandler(AdminHandler):
             "days": views.line_chart(overview.days.starts, overview.days.counts, "day"),
         }
         self.render("admin_dashboard.html", o=overview, newest=newest.events, charts=charts,
-                    series=views.SERIES_STYLE)
+                    series=views.SERIES_STYLE, seal=self.ctx.seals.status)
 
 
 class AuditHandler(AdminHandler):
@@ -47,7 +48,7 @@ class AuditHandler(AdminHandler):
     async def get(self) -> None:
         q = self.query()
         page = await self.ctx.audit.page(q)
-        self.render("admin_audit.html", q=q, page=page, types=events.TYPES)
+        self.render("admin_audit.html", q=q, page=page, types=events.TYPES, seal=self.ctx.seals.status)
 
 
 class AuditExportHandler(AdminHandler):
@@ -60,6 +61,9 @@ class AuditExportHandler(AdminHandler):
     @admin
     async def get(self) -> None:
         q = self.query()
+        with_seals = self.get_query_argument("seals", "")
+        if with_seals not in ("", "0", "1") or (with_seals == "1" and self.fmt != "ndjson"):
+            raise tornado.web.HTTPError(400, "seals=1 goes with the NDJSON export only.")
         if self.fmt == "csv":
             self.set_header("Content-Type", "text/csv; charset=UTF-8")
         else:
@@ -68,12 +72,31 @@ class AuditExportHandler(AdminHandler):
         if self.fmt == "csv":
             self.write(",".join(events.CSV_COLUMNS) + "\r\n")
         try:
-            async for chunk in self.ctx.audit.export(q, EXPORT_CHUNK):
-                self.write(self._format(chunk))
-                await self.flush()
+            if with_seals == "1":
+                await self._export_with_seals(q)
+            else:
+                async for chunk in self.ctx.audit.export(q, EXPORT_CHUNK):
+                    self.write(self._format(chunk))
+                    await self.flush()
         except tornado.iostream.StreamClosedError:
             return  # the client went away: stop reading Redis
         self.finish()
+
+    async def _export_with_seals(self, q: Query) -> None:
+        """The sealed events (up to the newest seal) with their seal lines, after a header line, so that
+        ``server.py audit verify --file`` can check the export offline (see seal.with_seals)."""
+        filters = q.args(after=None, limit=50)
+        self.write(orjson.dumps(seal.export_header(filters), option=orjson.OPT_APPEND_NEWLINE))
+        newest = await seal.newest_seal(self.ctx.redis)
+        if newest is None:
+            return
+        before = events.next_id(newest.id)
+        if q.before and seal.idkey(q.before) < seal.idkey(before):
+            before = q.before
+        rows = self.ctx.audit.export(dataclasses.replace(q, before=before, after=None), EXPORT_CHUNK)
+        async for chunk in seal.with_seals(self.ctx.redis, rows, newest, complete=not filters):
+            self.write(self._format(chunk))
+            await self.flush()
 
     def _format(self, chunk: list[dict[str, object]]) -> bytes | str:
         if self.fmt == "ndjson":  # orjson: a tenth of the time of the json module, the export's hot spot
