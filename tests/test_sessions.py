@@ -187,3 +187,37 @@ async def test_sessions_of_an_earlier_version_are_converted_at_start(browser: Br
     await app.ctx.sessions.expire_due()
     [expired] = [e for e in await read_events(rdb) if e.type == "expired"]
     assert (expired.session, expired.reason) == (ref, "idle")
+
+
+async def test_concurrent_pages_share_a_pipeline_and_each_gets_its_own_session(http_client, settings, clock,
+                                                                               redis_url) -> None:
+    """Pages loaded at the same time send their scripts together: fewer writes from the client, one
+    script (one round trip) per page in Redis, and every page its own user."""
+    sent = 0
+
+    class CountingConnection(aioredis.Connection):
+        async def send_packed_command(self, command, check_health=True):  # type: ignore[override]
+            nonlocal sent
+            sent += 1
+            return await super().send_packed_command(command, check_health)
+
+    pool = aioredis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    counted = aioredis.Redis(connection_pool=pool)
+    app = make_app(settings, counted, clock)
+    try:
+        async with serving(app) as base:
+            browsers = [Browser(http_client, base) for _ in range(20)]
+            for i, b in enumerate(browsers):
+                await b.register(f"p{i}@example.com")
+                await b.get("/account")
+            before_sent = sent
+            before = (await counted.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            pages = await asyncio.gather(*(b.get("/account") for b in browsers))
+            after = (await counted.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            assert [p.code for p in pages] == [200] * 20
+            assert all(f"p{i}@example.com".encode() in p.body for i, p in enumerate(pages))
+            assert after - before == 20  # a script a page (the INFO is no EVALSHA)
+            assert sent - before_sent - 1 < 20  # but fewer writes to Redis than pages
+    finally:
+        await counted.aclose()
+        await pool.aclose()

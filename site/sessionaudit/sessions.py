@@ -422,7 +422,7 @@ class SessionStore:
         self.moves_per_minute = moves_per_minute
         self.scripts = keys.Scripts(redis, login=LOGIN, touch=throttle.LUA + TOUCH, end=END, end_all=END_ALL,
                                     expire_due=EXPIRE_DUE, admins=ADMINS, list=LIST, migrate=MIGRATE,
-                                    acked={"login", "end", "end_all", "expire_due"})
+                                    acked={"login", "end", "end_all", "expire_due"}, batched={"touch"})
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
