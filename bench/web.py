@@ -107,6 +107,7 @@ class Web:
             "floor": (self.floor_port, "/floor", {"Cookie": f"sid={self.floor_cookie}"}, self.floor_proc.pid,
                       floor_redis),
             "hello": (self.hello_port, "/hello", {}, self.hello_proc.pid, None),
+            "home": (self.site.port, "/", {}, self.site.pid, self.site.redis_pid),  # the anonymous page
         }
 
     def stop_baselines(self) -> None:
@@ -141,9 +142,9 @@ class Web:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
         per_round: list[dict[str, float | None]] = []
         for r in range(b.opts.rounds):
-            if r and not b.afford("pages", 3 * (b.opts.duration + 1.5), f"page round {r + 1}"):
+            if r and not b.afford("pages", 4 * (b.opts.duration + 1.5), f"page round {r + 1}"):
                 break
-            names = order[r % 3:] + order[:r % 3]
+            names = order[r % len(order):] + order[:r % len(order)]
             this: dict[str, dict[str, Any]] = {}
             for name in names:
                 port, path, headers, pid, redis_pid = targets[name]
@@ -152,9 +153,12 @@ class Web:
                     log(f"pages: WARNING {name}: {res['bad_status']} unexpected statuses, {res['errors']} errors")
                 this[name] = res
                 runs[name].append(res)
-            site, floor, hello = this["site"], this["floor"], this["hello"]
+            site, floor, hello, home = this["site"], this["floor"], this["hello"], this["home"]
             per_round.append({
                 "site_over_floor": ratio(site["rps"], floor["rps"]),
+                "home_over_hello": ratio(home["rps"], hello["rps"]),
+                "home_over_hello_by_cpu": ratio(hello.get("cpu_us_per_req"), home.get("cpu_us_per_req")),
+                "redis_cpu_over_floor": ratio(site.get("redis_cpu_us_per_req"), floor.get("redis_cpu_us_per_req")),
                 "site_over_floor_by_cpu": ratio(floor.get("cpu_us_per_req"), site.get("cpu_us_per_req")),
                 "site_cpu_above_plain_us": _diff(site.get("cpu_us_per_req"), hello.get("cpu_us_per_req")),
                 "floor_cpu_above_plain_us": _diff(floor.get("cpu_us_per_req"), hello.get("cpu_us_per_req")),
@@ -176,6 +180,9 @@ class Web:
             "connections": 32, "tool": b.load.tool, "body_bytes": sizes, "runs": runs, "per_round": per_round,
             "summary": summary,
             "site_over_floor": median(p["site_over_floor"] for p in per_round),
+            "home_over_hello": median(p["home_over_hello"] for p in per_round),
+            "home_over_hello_by_cpu": median(p["home_over_hello_by_cpu"] for p in per_round),
+            "redis_cpu_over_floor": median(p["redis_cpu_over_floor"] for p in per_round),
             "site_over_floor_by_cpu": median(p["site_over_floor_by_cpu"] for p in per_round),
             "site_cpu_above_plain_us": median(p["site_cpu_above_plain_us"] for p in per_round),
             "floor_cpu_above_plain_us": median(p["floor_cpu_above_plain_us"] for p in per_round),
