@@ -94,10 +94,10 @@ class Bench:
             "redis": 15,
             "storm": 8 + o.rounds * (2 * o.storm_duration + 6),
             "login": 5 + o.rounds * (o.login_samples * 0.8 + o.storm_duration + 3),
-            "audit": 30 + o.events_large / 15000 + o.rounds * 4 * (o.audit_duration + 1.5),
+            "audit": 30 + o.events_large / 25000 + o.rounds * 4 * (o.audit_duration + 1.5),
             "export": 45,
-            "verify": 20 + o.events_large / 20000,
-            "expiry": 15 + o.sessions / 6000 + o.bursts * 12,
+            "verify": 20 + o.events_large / 35000,
+            "expiry": 15 + o.sessions / 10000 + o.bursts * 6,
             "flood": 35 + o.flood_attempts / 400 + o.rounds * (2 * o.flood_duration + 6)
             + o.trail_days * o.trail_per_day / 5000 + 5,
         }[phase]
@@ -409,7 +409,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds per measurement")
     parser.add_argument("--duration", type=int, help="seconds per page-benchmark run")
     parser.add_argument("--events", type=int, help="events in the large audit trail")
-    parser.add_argument("--budget", type=float, default=540.0,
+    parser.add_argument("--budget", type=float, default=600.0,
                         help="seconds the whole run may take; later rounds are skipped to keep to it")
     parser.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py even when wrk is installed")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")

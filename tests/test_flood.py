@@ -192,3 +192,28 @@ return redis.call('ZCARD', 'sa:f:ix:pa')""")
     async for _ in rdb.scan_iter(match="sa:f:pa:*", count=5000):
         kept += 1
     assert kept == 20_000  # the target among them
+
+
+async def test_refused_attempts_wait_only_while_the_site_is_busy(http_client, rdb, clock, settings) -> None:
+    """A client flooding refused attempts on several connections gets its answers slowly (and so
+    sends fewer), one that tries now and then gets them at once; the answers are the same."""
+    settings = dataclasses.replace(settings, refusal_delay=0.5)
+    app = make_app(settings, rdb, clock)
+    async with serving(app) as base:
+        owner = Browser(http_client, base)
+        await owner.register("target@example.com")
+        await owner.logout()
+        attackers = [Browser(http_client, base) for _ in range(8)]
+        for _ in range(settings.login_account_threshold):
+            await attackers[0].login("target@example.com", "guess guess guess")
+        for b in attackers:
+            await b.get("/login")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        one = await attackers[0].login("target@example.com", "guess guess guess")
+        alone = loop.time() - started
+        assert one.code == 429 and alone < 0.4
+        started = loop.time()
+        many = await asyncio.gather(*(b.login("target@example.com", "guess guess guess") for b in attackers))
+        assert [r.code for r in many] == [429] * 8 and all(r.headers["Retry-After"] for r in many)
+        assert loop.time() - started >= 0.5

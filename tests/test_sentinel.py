@@ -347,8 +347,9 @@ async def test_state_changes_wait_for_replicas_and_page_views_do_not(cluster, ht
             calls = {name: after[f"cmdstat_{name}"]["calls"] - before.get(f"cmdstat_{name}", {}).get("calls", 0)
                      for name in ("evalsha", "wait")}
             # A page view: its one EVALSHA, no WAIT. The logout: the page's EVALSHA, then the END script
-            # with its WAIT. The login: the throttle check, then the LOGIN script with its WAIT.
-            assert calls == {"evalsha": 5 + 2 + 2, "wait": 2}
+            # with its WAIT. The login: the throttle check (which records a refusal when it refuses, so
+            # it waits too), then the LOGIN script with its WAIT.
+            assert calls == {"evalsha": 5 + 2 + 2, "wait": 1 + 2}
             login = [e for e in await read_events(client) if e.type == events.LOGIN][-1]
             replicas_with_it = 0
             for port in cluster.replica_ports:  # read right after the answer: it is there already

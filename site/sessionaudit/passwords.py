@@ -114,8 +114,15 @@ def _lower_priority() -> None:
     """Run this hashing thread (and argon2's lane threads, which inherit it) at the lowest priority.
 
     On a busy core the IOLoop thread then always comes first: a page never waits behind a hash;
-    logins take what CPU the pages leave. Linux keeps nice per thread.
+    logins take what CPU the pages leave. Linux's SCHED_IDLE (per thread) gives way at once when
+    the IOLoop wakes; at nice 19 (where SCHED_IDLE is not to be had) the IOLoop could wait for the
+    scheduler's next turn, a few milliseconds.
     """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+        return
+    except (OSError, AttributeError):
+        pass
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)
     except (OSError, AttributeError):

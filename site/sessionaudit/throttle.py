@@ -147,9 +147,11 @@ local function record_budgeted(door, now, budget, ev)
 end
 """
 
-# The login door. ARGV: now, email, ip, device ('' none), t_acct, t_addr, base, cap
-# Returns {uid, hash, disabled, wait_ms, delay_ms, by} where `by` names the key that throttles
-# ('account', 'device', 'address' or '').
+# The login door. ARGV: now, email, ip, device ('' none), t_acct, t_addr, base, cap, and to record a
+# refusal in the same script when throttled: '1', the user agent, the event type and reason.
+# Returns {uid, hash, disabled, wait_ms, delay_ms, by, recorded} where `by` names the key that
+# throttles ('account', 'device', 'address' or '') and `recorded` is '1' when the refusal was recorded
+# as an event of its own (not counted into a summary).
 CHECK = r"""
 local now, email, ip, device = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local t_acct, t_addr, base, cap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -163,7 +165,16 @@ if w > wait then by, wait, delay = 'address', w, d end
 local uid = redis.call('HGET', 'sa:emails', email)
 local user = {false, false}
 if uid then user = redis.call('HMGET', 'sa:user:' .. uid, 'hash', 'disabled') end
-return {uid or '', user[1] or '', user[2] or '0', string.format('%.0f', wait), string.format('%.0f', delay), by}
+local recorded = '0'
+if wait > 0 and ARGV[9] == '1' then
+  local key = 'sa:f:i:' .. ip
+  if by == 'account' or by == 'device' then key = own_key end
+  local ev = {t = ARGV[11], u = uid or '', e = email ~= '-' and email or '', i = ip, g = ARGV[10], r = ARGV[12]}
+  if by == 'address' then ev.u = nil; ev.e = nil end
+  if summarise(key, now, math.max(delay, 1000), ev) then recorded = '1' end
+end
+return {uid or '', user[1] or '', user[2] or '0', string.format('%.0f', wait), string.format('%.0f', delay), by,
+        recorded}
 """
 
 # A login refused while throttled. ARGV: now, email, ip, ua, uid, by, delay_ms, type, reason
@@ -255,7 +266,8 @@ class Throttle:
                                                                                          reverse=True)]
         self.scripts = keys.Scripts(redis, check=LUA + CHECK, refuse=LUA + REFUSE, fail=LUA + FAIL,
                                     register_failed=LUA + REGISTER_FAILED, register_wait=LUA + REGISTER_WAIT,
-                                    flush_due=LUA + FLUSH_DUE, acked={"refuse", "fail", "register_failed", "flush_due"})
+                                    flush_due=LUA + FLUSH_DUE,
+                                    acked={"check", "refuse", "fail", "register_failed", "flush_due"})
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
@@ -266,16 +278,22 @@ class Throttle:
 
     # -- logins (and second-factor codes) -------------------------------------------------
 
-    async def check(self, email: str, ip: str, device: str | None = None) -> Attempt:
+    async def check(self, email: str, ip: str, device: str | None = None, *,
+                    refuse_as: str | None = None) -> Attempt:
         """The account (if any) and how long this login must wait, in one round trip.
 
         With ``device`` (the id of a device cookie naming this account) the device's failures
-        count instead of the account's.
+        count instead of the account's. With ``refuse_as`` (the request's user agent) an attempt
+        that must wait is recorded as refused in the same script (see ``refuse``): a flood of
+        refused attempts costs one round trip each.
         """
         s = self.settings
-        uid, pw_hash, disabled, wait_ms, delay_ms, by = await self.scripts.check(args=[
+        record = ["1", refuse_as, events.LOGIN_FAILED, events.THROTTLED] if refuse_as is not None else ["0"]
+        uid, pw_hash, disabled, wait_ms, delay_ms, by, recorded = await self.scripts.check(args=[
             self._now(), email, ip, device or "", s.login_account_threshold, s.login_address_threshold,
-            *self._backoff()])
+            *self._backoff(), *record])
+        if recorded == b"1":
+            self.count(events.LOGIN_FAILED, 1)
         return Attempt(uid=uid.decode() or None, password_hash=pw_hash.decode() or None,
                        disabled=disabled == b"1", retry_after=math.ceil(int(wait_ms) / 1000),
                        delay_ms=int(delay_ms), by=by.decode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ class User:
                    created=int(get("created") or 0), disabled=get("disabled") == "1")
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_email(address: str) -> str:
     """Validate and normalise an address (no DNS look-up); raise InvalidEmail with a readable message.
 

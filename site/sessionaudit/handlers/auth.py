@@ -60,8 +60,7 @@ class RegisterHandler(BaseHandler):
         if reason == events.THROTTLED:
             self.ctx.security.warning("register-throttled", "registration throttled from %s (retry after %d s)",
                                       self.client_ip, wait)
-            self.set_status(429)
-            self.set_header("Retry-After", str(max(wait, 1)))
+            await self.too_many(wait)
             message = f"Too many attempts from your network. Try again in {max(wait, 1)} seconds."
         else:
             self.set_status(400)
@@ -90,14 +89,12 @@ class LoginHandler(BaseHandler):
             email = ""
         # An address that cannot exist is treated like an unknown one: same work, same answer.
         device = self.device_for(email)
-        attempt = await ctx.throttle.check(email or "-", self.client_ip, device)
-        if attempt.retry_after > 0:
-            await ctx.throttle.refuse(email, self.client_ip, self.user_agent, attempt, device)
+        attempt = await ctx.throttle.check(email or "-", self.client_ip, device, refuse_as=self.user_agent)
+        if attempt.retry_after > 0:  # recorded as refused by the same script
             ctx.metrics.login("throttled")
             ctx.security.warning("login-throttled", "login throttled for %s from %s (retry after %d s)",
                                  email or "an invalid address", self.client_ip, attempt.retry_after)
-            self.set_status(429)
-            self.set_header("Retry-After", str(attempt.retry_after))
+            await self.too_many(attempt.retry_after)
             return self.render("login.html", email=raw_email, next=next_url,
                                error=f"Too many failed attempts. Try again in {attempt.retry_after} seconds.")
         ok, new_hash = await ctx.passwords.verify(attempt.password_hash, password)

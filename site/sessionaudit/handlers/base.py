@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -26,6 +27,7 @@ log = logging.getLogger("sessionaudit.web")
 security_log = logging.getLogger("sessionaudit.security")
 
 COOKIE = "sid"
+BUSY = 4  # requests in flight (this one included) past which refused attempts are answered after a wait
 VERIFIED_COOKIES_MAX = 10_000  # session cookies whose signature is known good, kept by exact value
 DEVICE_COOKIE = "device"  # names an account this browser has logged in to (throttle.py: device cookies)
 DEVICE_COOKIE_DAYS = 365
@@ -262,6 +264,16 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def clear_session_cookie(self) -> None:
         self.clear_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=self.ctx.settings.secure_cookies)
+
+    async def too_many(self, retry_after: int) -> None:
+        """Set a 429 with ``Retry-After`` for an attempt that is refused, and while other requests keep
+        the site busy, answer it only after a short wait (``refusal_delay``, at most the wait asked
+        for): a client flooding refused attempts on a few connections then gets a few answers a
+        second on each, and other people's pages keep their speed. Nothing else changes."""
+        self.set_status(429)
+        self.set_header("Retry-After", str(max(retry_after, 1)))
+        if self.ctx.in_flight > BUSY:
+            await asyncio.sleep(min(self.ctx.settings.refusal_delay, max(retry_after, 1)))
 
     def device_for(self, email: str) -> str | None:
         """The id of this browser's device cookie when it names ``email``'s account, else None."""

@@ -52,8 +52,7 @@ class ForgotHandler(BaseHandler):
         if asked.retry_after:
             self.ctx.security.warning("reset-throttled", "password reset requests throttled for %s from %s "
                                       "(retry after %d s)", email, self.client_ip, asked.retry_after)
-            self.set_status(429)
-            self.set_header("Retry-After", str(asked.retry_after))
+            await self.too_many(asked.retry_after)
             return self.render("forgot.html", email=email, sent=False,
                                error=f"Too many requests. Try again in {asked.retry_after} seconds.")
         self.render("forgot.html", error=None, email=email, sent=True)

@@ -261,8 +261,7 @@ class LoginVerifyHandler(BaseHandler):
             ctx.metrics.login("throttled")
             ctx.security.warning("login-throttled", "second step throttled for %s from %s (retry after %d s)",
                                  pending.email, self.client_ip, attempt.retry_after)
-            self.set_status(429)
-            self.set_header("Retry-After", str(attempt.retry_after))
+            await self.too_many(attempt.retry_after)
             return self.render("login_verify.html",
                                error=f"Too many failed attempts. Try again in {attempt.retry_after} seconds.")
         outcome, created = await ctx.factors.finish_login(
