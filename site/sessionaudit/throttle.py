@@ -133,6 +133,16 @@ local function summarise(key, now, window, ev)
   return false
 end
 
+-- A login attempt refused while `by` ('account', 'device' or 'address') throttles it: recorded, or
+-- counted into the summary of that key's backoff window (`delay` ms). An address's refusal names
+-- no account. Returns true when `ev` itself was recorded.
+local function refuse_login(now, email, ip, device, by, delay, ev)
+  local key = 'sa:f:i:' .. ip
+  if by == 'account' then key = 'sa:f:a:' .. email elseif by == 'device' then key = 'sa:f:d:' .. device end
+  if by == 'address' then ev.u = nil; ev.e = nil end
+  return summarise(key, now, math.max(delay, 1000), ev)
+end
+
 -- Record `ev` of a cheap door: one by one up to `budget` a minute (all doors of its kind
 -- together), summarised past it.
 local function record_budgeted(door, now, budget, ev)
@@ -167,24 +177,17 @@ local user = {false, false}
 if uid then user = redis.call('HMGET', 'sa:user:' .. uid, 'hash', 'disabled') end
 local recorded = '0'
 if wait > 0 and ARGV[9] == '1' then
-  local key = 'sa:f:i:' .. ip
-  if by == 'account' or by == 'device' then key = own_key end
   local ev = {t = ARGV[11], u = uid or '', e = email ~= '-' and email or '', i = ip, g = ARGV[10], r = ARGV[12]}
-  if by == 'address' then ev.u = nil; ev.e = nil end
-  if summarise(key, now, math.max(delay, 1000), ev) then recorded = '1' end
+  if refuse_login(now, email, ip, device, by, delay, ev) then recorded = '1' end
 end
 return {uid or '', user[1] or '', user[2] or '0', string.format('%.0f', wait), string.format('%.0f', delay), by,
         recorded}
 """
 
-# A login refused while throttled. ARGV: now, email, ip, ua, uid, by, delay_ms, type, reason
+# A login refused while throttled. ARGV: now, email, ip, ua, uid, by, delay_ms, type, reason, device
 REFUSE = r"""
-local now, email, ip, ua, uid, by = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local key = 'sa:f:i:' .. ip
-if by == 'account' then key = 'sa:f:a:' .. email elseif by == 'device' then key = 'sa:f:d:' .. ARGV[10] end
-local ev = {t = ARGV[8], u = uid, e = email, i = ip, g = ua, r = ARGV[9]}
-if by == 'address' then ev.u = nil; ev.e = nil end
-return summarise(key, now, tonumber(ARGV[7]), ev) and 1 or 0
+return refuse_login(tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[10], ARGV[6], tonumber(ARGV[7]),
+                    {t = ARGV[8], u = ARGV[5], e = ARGV[2], i = ARGV[3], g = ARGV[4], r = ARGV[9]}) and 1 or 0
 """
 
 # A failed login (or second-factor code). ARGV: now, email, ip, ua, reason, t_acct, t_addr, window_ms,
