@@ -185,6 +185,29 @@ async def serving(app: Any, **server_options: Any) -> Any:
         app.ctx.close()
 
 
+class CountedRedis(aioredis.Redis):
+    """A Redis client that counts what it sends: one write a command, or one for a whole pipeline.
+
+    What the one-round-trip tests count, beside the EVALSHA calls Redis itself counts.
+    """
+
+    def __init__(self, url: str):
+        counter = self
+
+        class CountingConnection(aioredis.Connection):
+            async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                counter.sent += 1
+                return await super().send_packed_command(command, check_health)
+
+        self.sent = 0
+        self._counted_pool = aioredis.ConnectionPool.from_url(url, connection_class=CountingConnection)
+        super().__init__(connection_pool=self._counted_pool)
+
+    async def close(self) -> None:  # type: ignore[override]
+        await self.aclose()
+        await self._counted_pool.aclose()
+
+
 async def read_events(rdb: aioredis.Redis) -> list[Event]:
     """The whole audit stream, oldest first (user agents filled in from their dictionary)."""
     return await with_agents(rdb, [Event.from_entry(i, f) for i, f in await rdb.xrange(keys.AUDIT)])

@@ -6,9 +6,8 @@ import asyncio
 import dataclasses
 
 import pytest
-import redis.asyncio as aioredis
 
-from conftest import UA_FIREFOX, UA_IPHONE, Browser, read_events, serving
+from conftest import UA_FIREFOX, UA_IPHONE, Browser, CountedRedis, read_events, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 
@@ -77,16 +76,7 @@ async def test_redis_ttl_is_a_backstop_just_past_the_lifetime(browser: Browser, 
 
 async def test_authenticated_page_costs_one_round_trip(browser: Browser, settings, clock, redis_url) -> None:
     """Counted two ways: requests sent by the client, and EVALSHA calls seen by Redis."""
-    sent = 0
-
-    class CountingConnection(aioredis.Connection):
-        async def send_packed_command(self, command, check_health=True):  # type: ignore[override]
-            nonlocal sent
-            sent += 1
-            return await super().send_packed_command(command, check_health)
-
-    pool = aioredis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
-    counted = aioredis.Redis(connection_pool=pool)
+    counted = CountedRedis(redis_url)
     app = make_app(settings, counted, clock)
     # A second server on the counted client, beside the fixture app.
     try:
@@ -95,23 +85,22 @@ async def test_authenticated_page_costs_one_round_trip(browser: Browser, setting
             await b.register("rt@example.com")
             await b.get("/account")  # scripts loaded, connection warm
             info = await counted.info("commandstats")
-            before_sent, before_eval = sent, info.get("cmdstat_evalsha", {}).get("calls", 0)
+            before_sent, before_eval = counted.sent, info.get("cmdstat_evalsha", {}).get("calls", 0)
             for i in range(10):  # every other page from another browser: each move is recorded in the same trip
                 b.user_agent = UA_IPHONE if i % 2 == 0 else UA_FIREFOX
                 assert (await b.get("/account")).code == 200
             info = await counted.info("commandstats")
-            assert sent - before_sent - 1 == 10  # minus the INFO itself
+            assert counted.sent - before_sent - 1 == 10  # minus the INFO itself
             assert info["cmdstat_evalsha"]["calls"] - before_eval == 10
             moves = [e for e in await read_events(counted) if e.type == "session_changed"]
             assert len(moves) == 10 and {e.reason for e in moves} == {"browser"}
             anonymous = Browser(browser.client, base)
-            before_sent = sent
+            before_sent = counted.sent
             for path in ("/", "/login", "/register"):
                 assert (await anonymous.get(path)).code == 200
-            assert sent == before_sent  # anonymous pages: no Redis at all
+            assert counted.sent == before_sent  # anonymous pages: no Redis at all
     finally:
-        await counted.aclose()
-        await pool.aclose()
+        await counted.close()
 
 
 async def test_concurrent_requests_do_not_undo_each_other(browser: Browser, new_browser, clock, rdb) -> None:
@@ -193,16 +182,7 @@ async def test_concurrent_pages_share_a_pipeline_and_each_gets_its_own_session(h
                                                                                redis_url) -> None:
     """Pages loaded at the same time send their scripts together: fewer writes from the client, one
     script (one round trip) per page in Redis, and every page its own user."""
-    sent = 0
-
-    class CountingConnection(aioredis.Connection):
-        async def send_packed_command(self, command, check_health=True):  # type: ignore[override]
-            nonlocal sent
-            sent += 1
-            return await super().send_packed_command(command, check_health)
-
-    pool = aioredis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
-    counted = aioredis.Redis(connection_pool=pool)
+    counted = CountedRedis(redis_url)
     app = make_app(settings, counted, clock)
     try:
         async with serving(app) as base:
@@ -210,14 +190,13 @@ async def test_concurrent_pages_share_a_pipeline_and_each_gets_its_own_session(h
             for i, b in enumerate(browsers):
                 await b.register(f"p{i}@example.com")
                 await b.get("/account")
-            before_sent = sent
+            before_sent = counted.sent
             before = (await counted.info("commandstats"))["cmdstat_evalsha"]["calls"]
             pages = await asyncio.gather(*(b.get("/account") for b in browsers))
             after = (await counted.info("commandstats"))["cmdstat_evalsha"]["calls"]
             assert [p.code for p in pages] == [200] * 20
             assert all(f"p{i}@example.com".encode() in p.body for i, p in enumerate(pages))
             assert after - before == 20  # a script a page (the INFO is no EVALSHA)
-            assert sent - before_sent - 1 < 20  # but fewer writes to Redis than pages
+            assert counted.sent - before_sent - 1 < 20  # but fewer writes to Redis than pages
     finally:
-        await counted.aclose()
-        await pool.aclose()
+        await counted.close()
