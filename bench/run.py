@@ -50,7 +50,7 @@ class Options:
     storm_duration: int = 5
     audit_duration: int = 2
     login_samples: int = 6  # logins (and verifies) per round
-    redis_requests: int = 300
+    redis_requests: int = 1000
     events_small: int = 1_000
     events_large: int = 1_000_000
     export_runs: int = 2
@@ -91,7 +91,7 @@ class Bench:
         o = self.opts
         return {
             "pages": 20 + o.rounds * 4 * (o.duration + 1.5),
-            "redis": 15,
+            "redis": 25,
             "storm": 8 + o.rounds * (2 * o.storm_duration + 6),
             "login": 5 + o.rounds * (o.login_samples * 0.8 + o.storm_duration + 3),
             "audit": 30 + o.events_large / 25000 + o.rounds * 4 * (o.audit_duration + 1.5),

@@ -212,7 +212,7 @@ class Web:
         out: dict[str, Any] = {"requests": n, "sweep_interval_s": 3600}
         with Monitor(site.redis_server.url) as mon:
             # Background (the sweeper): rates per second, subtracted from each window below.
-            idle_s = 5.0  # the site's background work (sealing, checking seals) comes in rounds: a longer look
+            idle_s = 10.0  # the site's background work (sealing, checking seals) comes in rounds: a longer look
             before, mark = commandstats(site.redis), mon.mark()
             time.sleep(idle_s)
             bg_calls = _delta(before, commandstats(site.redis))
