@@ -38,9 +38,10 @@ from common import BENCH, COOKIE_SECRET, Children, Pinning, dump_json, log
 from expiry import Expiry
 from flood import Flood
 from load import Load
+from moves import Moves
 from web import Web
 
-SECTIONS = ("pages", "redis", "storm", "login", "audit", "export", "verify", "expiry", "flood")
+SECTIONS = ("pages", "redis", "storm", "login", "audit", "export", "verify", "expiry", "flood", "moves")
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Bench:
             "export": 45,
             "verify": 20 + o.events_large / 35000,
             "expiry": 15 + o.sessions / 10000 + o.bursts * 6,
+            "moves": 5 + o.rounds * 2,
             "flood": 35 + o.flood_attempts / 400 + o.rounds * (2 * o.flood_duration + 6)
             + o.trail_days * o.trail_per_day / 5000 + 5,
         }[phase]
@@ -164,6 +166,11 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
                 _fail(results, "expiry", e)
             finally:
                 expiry.close()
+        if "moves" in wanted:
+            try:
+                results["moves"] = Moves(bench).run()
+            except Exception as e:
+                _fail(results, "moves", e)
         if "flood" in wanted:
             flood = Flood(bench)
             try:
@@ -306,6 +313,13 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
             f"+{m['bytes_per_login_event']:.0f} B its login event", "", "<= 400 B", m["bytes_per_session"] <= 400)
     else:
         missing("7 expiry lag", "all, p99 <= 1000 ms", "expiry")
+    mv = r.get("moves")
+    if mv:
+        add("11 a page's session load with the move check (issue 10)", f"{mv['with']:.1f} us",
+            f"without it {mv['without']:.1f} us; in Redis {mv['script_with']:.2f} vs {mv['script_without']:.2f} us",
+            f"{mv['ratio']:.2f}x ({mv['script_ratio']:.2f}x in Redis)", "<= 1.05x", mv["ratio"] <= 1.05)
+    else:
+        missing("11 move check", "<= 1.05x", "moves")
     al = r.get("audit_load", {}).get("large")
     if al:
         add(f"8 Redis memory per audit event ({_n(al['events'])})", f"{al['bytes_per_event']:.0f} B",
