@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import PASSWORD, UA_IPHONE, Browser, make_admin, read_events, serving
+from conftest import PASSWORD, UA_FIREFOX, UA_IPHONE, Browser, make_admin, read_events, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 
@@ -37,6 +37,17 @@ async def test_two_browsers_see_and_end_each_other(browser: Browser, new_browser
     assert (await browser.get("/account")).code == 200
     revoked = [e for e in await read_events(rdb) if e.type == "revoked"]
     assert [(e.session, e.reason, e.actor) for e in revoked] == [(other, "user", "two@example.com")]
+
+
+async def test_sessions_are_named_by_the_browser_they_began_in(browser: Browser, new_browser, rdb) -> None:
+    await browser.register("named@example.com")
+    phone = new_browser(UA_IPHONE)
+    await phone.login("named@example.com")
+    browser.user_agent = UA_FIREFOX.replace("120.0", "121.0")  # the same browser, updated since sign-in
+    for who in (browser, phone):
+        page = (await who.get("/account")).body
+        assert b"Firefox 120 on Linux" in page and b"Mobile Safari 17 on iOS 17" in page
+        assert b"Firefox 121" not in page
 
 
 async def test_cannot_end_someone_elses_session(browser: Browser, new_browser, rdb) -> None:

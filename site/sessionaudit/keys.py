@@ -116,6 +116,8 @@ end
 local agent_cache = {}
 local function agent(key, id)
   if not key or key == '' then return '' end
+  local known = agent_cache.known  -- {key, text} a caller already has (the request's own agent)
+  if known and known[1] == key then return known[2] end
   local dict = 'audit:ua:' .. day_of(id)
   local ua = agent_cache[dict .. key]
   if ua == nil then

@@ -132,23 +132,29 @@ if changed then redis.call('SET', 'sa:ss:' .. ref, session_string(s), 'KEEPTTL')
 redis.call('ZADD', 'sa:deadlines', new_deadline, ref)
 local out = {uid, user[1], user[2]}
 if ARGV[5] == '1' then
-  local refs = redis.call('HKEYS', 'sa:ui:' .. uid)
-  for first = 1, #refs, 500 do
-    local chunk, names = {}, {}
-    for i = first, math.min(first + 499, #refs) do
-      chunk[#chunk + 1] = refs[i]; names[#names + 1] = 'sa:ss:' .. refs[i]
+  -- The agent this request sent is most often the one the session began with: no dictionary read.
+  if ARGV[8] ~= '' then agent_cache.known = {string.sub(redis.sha1hex(ARGV[8]), 1, 12), ARGV[8]} end
+  local function list(other, o, d)
+    local last = other == ref and now or (o.last or (d - idle))
+    local at = string.format('%.0f', o.login)
+    for _, v in ipairs({other, at, string.format('%.0f', last), o.ip, agent(o.agent, at), o.moved}) do
+      out[#out + 1] = v
     end
-    local raws = redis.call('MGET', unpack(names))
-    local scores = redis.call('ZMSCORE', 'sa:deadlines', unpack(chunk))
-    for i, other in ipairs(chunk) do
-      local o = other == ref and s or (raws[i] and parse_session(raws[i]))
-      local d = tonumber(scores[i])
-      if o and d and d > now then
-        local last = other == ref and now or (o.last or (d - idle))
-        local at = string.format('%.0f', o.login)
-        for _, v in ipairs({other, at, string.format('%.0f', last), o.ip, agent(o.agent, at), o.moved}) do
-          out[#out + 1] = v
-        end
+  end
+  list(ref, s, new_deadline)
+  local others = redis.call('HKEYS', 'sa:ui:' .. uid)
+  for first = 1, #others, 500 do
+    local chunk, names = {}, {}
+    for i = first, math.min(first + 499, #others) do
+      if others[i] ~= ref then chunk[#chunk + 1] = others[i]; names[#names + 1] = 'sa:ss:' .. others[i] end
+    end
+    if #chunk > 0 then
+      local raws = redis.call('MGET', unpack(names))
+      local scores = redis.call('ZMSCORE', 'sa:deadlines', unpack(chunk))
+      for i, other in ipairs(chunk) do
+        local o = raws[i] and parse_session(raws[i])
+        local d = tonumber(scores[i])
+        if o and d and d > now then list(other, o, d) end
       end
     end
   end
