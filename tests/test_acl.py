@@ -126,6 +126,8 @@ async def test_site_works_as_the_append_only_user(browser: Browser, new_browser:
     assert not [w for w in await check_redis(site) if "maxmemory-policy" in w]
     assert (await browser.register("alice@example.com")).code == 303
     assert (await browser.get("/account")).code == 200
+    page = app.ctx.sessions.scripts.touch.function  # the page's function: the ACL lets the site load it
+    assert page and await admin.function_list(library=page)
     assert (await browser.logout()).code == 303
     assert (await browser.login("alice@example.com", "wrong password")).code == 401
     assert (await browser.login("alice@example.com")).code == 303

@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 
-from conftest import UA_FIREFOX, UA_IPHONE, Browser, CountedRedis, read_events, serving
+from conftest import UA_FIREFOX, UA_IPHONE, Browser, CountedRedis, read_events, redis_major, scripts_run, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 
@@ -75,7 +77,7 @@ async def test_redis_ttl_is_a_backstop_just_past_the_lifetime(browser: Browser, 
 
 
 async def test_authenticated_page_costs_one_round_trip(browser: Browser, settings, clock, redis_url) -> None:
-    """Counted two ways: requests sent by the client, and EVALSHA calls seen by Redis."""
+    """Counted two ways: requests sent by the client, and scripts (or functions) run by Redis."""
     counted = CountedRedis(redis_url)
     app = make_app(settings, counted, clock)
     # A second server on the counted client, beside the fixture app.
@@ -85,13 +87,13 @@ async def test_authenticated_page_costs_one_round_trip(browser: Browser, setting
             await b.register("rt@example.com")
             await b.get("/account")  # scripts loaded, connection warm
             info = await counted.info("commandstats")
-            before_sent, before_eval = counted.sent, info.get("cmdstat_evalsha", {}).get("calls", 0)
+            before_sent, before_eval = counted.sent, scripts_run(info)
             for i in range(10):  # every other page from another browser: each move is recorded in the same trip
                 b.user_agent = UA_IPHONE if i % 2 == 0 else UA_FIREFOX
                 assert (await b.get("/account")).code == 200
             info = await counted.info("commandstats")
             assert counted.sent - before_sent - 1 == 10  # minus the INFO itself
-            assert info["cmdstat_evalsha"]["calls"] - before_eval == 10
+            assert scripts_run(info) - before_eval == 10
             moves = [e for e in await read_events(counted) if e.type == "session_changed"]
             assert len(moves) == 10 and {e.reason for e in moves} == {"browser"}
             anonymous = Browser(browser.client, base)
@@ -191,12 +193,57 @@ async def test_concurrent_pages_share_a_pipeline_and_each_gets_its_own_session(h
                 await b.register(f"p{i}@example.com")
                 await b.get("/account")
             before_sent = counted.sent
-            before = (await counted.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            before = scripts_run(await counted.info("commandstats"))
             pages = await asyncio.gather(*(b.get("/account") for b in browsers))
-            after = (await counted.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            after = scripts_run(await counted.info("commandstats"))
             assert [p.code for p in pages] == [200] * 20
             assert all(f"p{i}@example.com".encode() in p.body for i, p in enumerate(pages))
-            assert after - before == 20  # a script a page (the INFO is no EVALSHA)
+            assert after - before == 20  # a script a page (the INFO is none)
             assert counted.sent - before_sent - 1 < 20  # but fewer writes to Redis than pages
     finally:
         await counted.close()
+
+
+async def test_the_page_is_a_function_loaded_once_and_again_after_a_flush(browser: Browser, app, redis_url) -> None:
+    """On Redis 7 the authenticated page's script runs as a function (its prelude built once, not at
+    every page). Should the function go (FUNCTION FLUSH, a new primary), the next page loads it again."""
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        await browser.register("fn@example.com")
+        assert (await browser.get("/account")).code == 200
+        touch = app.ctx.sessions.scripts.touch
+        if redis_major(admin) < 7:  # no functions: the same page, as a script
+            assert touch.function == ""
+            return
+        assert touch.function and admin.function_list(library=touch.function)
+        admin.function_flush()
+        page = await browser.get("/account")
+        assert page.code == 200 and b"fn@example.com" in page.body
+        assert admin.function_list(library=touch.function)
+    finally:
+        admin.close()
+
+
+async def test_a_redis_user_that_may_not_use_functions_gets_the_same_pages(http_client, settings, clock,
+                                                                          redis_url) -> None:
+    """An ACL written before the site used functions (or Redis 6): the page runs as a script instead."""
+    admin = redis.Redis.from_url(redis_url)
+    version = redis_major(admin)
+    admin.execute_command("ACL", "SETUSER", "nofunctions", "on", ">pw", "~*", "&*", "+@all",
+                          *(["-fcall", "-function"] if version >= 7 else []))
+    client = aioredis.Redis.from_url(redis_url.replace("redis://", "redis://nofunctions:pw@"))
+    app = make_app(settings, client, clock)
+    try:
+        async with serving(app) as base:
+            b = Browser(http_client, base)
+            assert (await b.register("nofn@example.com")).code == 303
+            for _ in range(2):
+                page = await b.get("/account")
+                assert page.code == 200 and b"nofn@example.com" in page.body
+            assert app.ctx.sessions.scripts.touch.function == ""
+            if version >= 7:
+                assert not admin.function_list()
+    finally:
+        await client.aclose()
+        admin.execute_command("ACL", "DELUSER", "nofunctions")
+        admin.close()

@@ -426,9 +426,10 @@ class SessionStore:
         self.slack_ms = slack * 1000
         self.binding = "" if binding == "off" else binding
         self.moves_per_minute = moves_per_minute
-        self.scripts = keys.Scripts(redis, login=LOGIN, touch=throttle.LUA + TOUCH, end=END, end_all=END_ALL,
+        self.scripts = keys.Scripts(redis, login=LOGIN, touch=(throttle.LUA, TOUCH), end=END, end_all=END_ALL,
                                     expire_due=EXPIRE_DUE, admins=ADMINS, list=LIST, migrate=MIGRATE,
-                                    acked={"login", "end", "end_all", "expire_due"}, batched={"touch"})
+                                    acked={"login", "end", "end_all", "expire_due"},
+                                    batched={"touch"}, functions={"touch"})
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
