@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import http.cookiejar
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -306,3 +307,13 @@ def test_seals_survive_restarts_and_audit_verify_checks_them(tmp_path: Path, red
     assert verify.returncode == 1
     assert f"FAILED: the trail is shorter than the copy outside Redis ({copy}) says: it records seal " \
            f"{newest.decode()} (3 events" in verify.stdout
+
+
+def test_hashing_threads_default_to_the_cores_the_process_may_use() -> None:
+    """Pinned to one core (taskset, a cgroup cpuset), the site hashes on one thread: a second would
+    only share that core with the IOLoop, and thrash its caches with another 64 MiB."""
+    code = ("import os; from sessionaudit.config import Settings; "
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(Settings().hash_threads)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "site")})
+    assert out.stdout.strip() == "1"

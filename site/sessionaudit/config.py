@@ -65,7 +65,7 @@ class Settings:
     argon2_time_cost: int = opt(3, "argon2id passes")
     argon2_memory_cost: int = opt(65536, "argon2id memory in KiB")
     argon2_parallelism: int = opt(4, "argon2id lanes")
-    hash_workers: int = opt(0, "threads that hash passwords (0: one per core)")
+    hash_workers: int = opt(0, "threads that hash passwords (0: one per core the process may use)")
     hash_queue: int = opt(64, "logins waiting for a hash thread before new ones get 503")
     sweep_interval: float = opt(1.0, "seconds between sweeps for expired sessions")
     audit_retention_days: int = opt(365, "days of audit history kept (0: keep for ever)")
@@ -190,7 +190,12 @@ class Settings:
 
     @property
     def hash_threads(self) -> int:
-        return self.hash_workers or (os.cpu_count() or 1)
+        if self.hash_workers:
+            return self.hash_workers
+        try:  # the cores this process may run on (taskset, cgroups' cpusets), not all the machine's
+            return len(os.sched_getaffinity(0)) or 1
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
 
     def derived_key(self, label: str, version: int | None = None) -> bytes:
         """A key for one purpose (``label``), derived with HKDF from COOKIE_SECRET.
