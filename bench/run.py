@@ -327,8 +327,10 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     fl = r.get("flood") or {}
     fm = fl.get("memory")
     if fm:
-        with_summary = fm.get("bytes_per_attempt_with_summary")
-        result = f"{fm['bytes_per_attempt']:.1f} B" + (f", {with_summary:.1f} B with its summary"
+        # Once the summary is recorded, the throttle's counters are gone: what stays is the events and
+        # their keys, so that figure is taken from the keys (used_memory then moves by allocator noise).
+        with_summary = fm.get("key_bytes_per_attempt_with_summary")
+        result = f"{fm['bytes_per_attempt']:.1f} B" + (f"; {with_summary:.1f} B in keys once summarised"
                                                         if with_summary is not None else "")
         n_events = fm.get("events_with_summary", fm["events_after_attempts"])
         add(f"9 Redis memory per refused login ({_n(fm['attempts'])}, one client, new 2 KB UA each)", result,
