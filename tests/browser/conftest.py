@@ -21,6 +21,8 @@ What they do
   passkeys added, used and removed through a CDP virtual authenticator (ctap2, internal, resident
   keys, user verification), the site reached as ``http://localhost:<port>`` (its --public-url: browsers
   refuse an IP address as WebAuthn relying party); axe-core on every page of both.
+- ``test_moves.py``: a session cookie copied into another browser: its owner sees the mark on
+  ``/account`` and ends that session; an admin follows the dashboard's tile to the move.
 - ``test_pages.py``: every page at desktop (1280x800) and phone (390x844) widths: a full-page screenshot
   to ``test-artifacts/screenshots/<page>-<width>.png`` at the repository root (git-ignored; CI keeps
   them), no page wider than the window, and axe-core with no "serious" or "critical" violation.
