@@ -451,7 +451,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds per measurement")
     parser.add_argument("--duration", type=int, help="seconds per page-benchmark run")
     parser.add_argument("--events", type=int, help="events in the large audit trail")
-    parser.add_argument("--budget", type=float, default=600.0,
+    parser.add_argument("--budget", type=float, default=720.0,
                         help="seconds the whole run may take; later rounds are skipped to keep to it")
     parser.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py even when wrk is installed")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
