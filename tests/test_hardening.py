@@ -21,6 +21,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from conftest import PASSWORD, Browser, make_admin, read_events, serving
+from sessionaudit import keys
 from sessionaudit.app import make_app
 
 pytestmark = pytest.mark.gen_test(timeout=60)
@@ -151,6 +152,17 @@ async def test_a_next_with_control_characters_falls_back_to_account(browser: Bro
     assert r.code == 303 and r.headers["Location"] == "/account"
 
 
+@pytest.mark.parametrize("target", ["/admin/\r\nSet-Cookie:x=1", "/admin/\x7f", "/admin/a\x85b"])
+async def test_an_admin_form_back_with_control_characters_returns_to_its_default(new_browser, rdb, target) -> None:
+    admin = await admin_browser(new_browser, rdb)
+    user = new_browser()
+    await user.register("ended@example.com")
+    uid = (await rdb.hget(keys.EMAILS, "ended@example.com")).decode()
+    r = await admin.post(f"/admin/users/{uid}/revoke", {"next": target})
+    assert r.code == 303 and r.headers["Location"] == f"/admin/users/{uid}", r.headers.get("Location")
+    assert (await user.get("/account")).code == 302  # and the sessions did end
+
+
 async def test_a_next_outside_ascii_is_kept_percent_encoded(browser: Browser) -> None:
     await browser.register("unicode@example.com")
     await browser.logout()
@@ -172,6 +184,14 @@ async def test_a_next_outside_ascii_is_kept_percent_encoded(browser: Browser) ->
     "/admin/audit?since=%D9%A2%D9%A0%D9%A2%D9%A6-01-01",
     "/admin/audit.csv?until=99999-01-01",
     "/admin/audit/live?last_id=%D9%A1-0",
+    # found by a later review: values the parsers took that Redis refuses
+    "/admin/audit?before=0-0",  # nothing is older than the first possible id
+    "/admin/audit.ndjson?before=0-0",
+    "/admin/audit.csv?type=login&before=00-000",
+    "/admin/audit.ndjson?seals=1&before=0",
+    "/admin/users/1?before=0-0",
+    "/admin/sessions?offset=4611686018427387904",  # past what a Redis offset takes
+    "/admin/audit?limit=99999999999999999999",
 ])
 async def test_odd_query_values_get_400(new_browser, rdb, path) -> None:
     admin = await admin_browser(new_browser, rdb)

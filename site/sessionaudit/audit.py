@@ -176,6 +176,8 @@ class Query:
             if text := (get(name) or "").strip():
                 if not inputs.is_event_id(text):
                     raise BadQuery(f"{name} must be an event id, like 1764344150123-0.")
+                if name == "before" and inputs.is_first_event_id(text):
+                    raise BadQuery("before must be an event id after 0-0: no event is older than it.")
                 values[name] = text
         if text := (get("limit") or "").strip():
             try:

@@ -16,16 +16,27 @@ _ISO = re.compile(r"[0-9:.+\-TtZz ]{4,40}", re.ASCII)
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 
-def whole_number(text: str) -> int:
-    """``text`` as a non-negative whole number written in ASCII digits; ValueError otherwise."""
+MAX_WHOLE = 2**53 - 1  # what every consumer (Redis offsets and counts, JavaScript) takes exactly
+
+
+def whole_number(text: str, maximum: int = MAX_WHOLE) -> int:
+    """``text`` as a whole number from 0 to ``maximum`` written in ASCII digits; ValueError otherwise."""
     if not _DIGITS.fullmatch(text):
         raise ValueError(f"not a whole number: {text[:40]!r}")
-    return int(text)
+    value = int(text)
+    if value > maximum:
+        raise ValueError(f"larger than {maximum}")
+    return value
 
 
 def is_event_id(text: str) -> bool:
     """Whether ``text`` is a stream id (``<ms>`` or ``<ms>-<seq>``) in ASCII digits."""
     return _EVENT_ID.fullmatch(text) is not None
+
+
+def is_first_event_id(text: str) -> bool:
+    """Whether the stream id ``text`` is 0-0, the smallest there is: nothing comes before it."""
+    return all(int(part) == 0 for part in text.split("-"))
 
 
 def parse_time(text: str) -> int:

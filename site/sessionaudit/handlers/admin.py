@@ -13,7 +13,7 @@ import tornado.web
 from .. import events, inputs, seal, views
 from ..audit import BadQuery, Query
 from ..live import Follower, replay
-from .base import BaseHandler, admin, form, security_log
+from .base import BaseHandler, admin, form, safe_next, security_log
 from .reset import send_reset
 
 EXPORT_CHUNK = 5000
@@ -353,4 +353,6 @@ class AdminSendResetHandler(AdminHandler):
 
 
 def _back(target: str, default: str) -> str:
-    return target if target.startswith("/admin/") and not target.startswith("//") else default
+    """Where an admin form returns to: a page under /admin/ (as ``safe_next`` allows it), else ``default``."""
+    target = safe_next(target, default)
+    return target if target.startswith("/admin/") else default

@@ -164,7 +164,7 @@ class BaseHandler(tornado.web.RequestHandler):
         length = self.request.headers.get("Content-Length")
         if length is not None:
             try:
-                too_long = inputs.whole_number(length) > FORM_LIMIT
+                too_long = inputs.whole_number(length, maximum=10**19) > FORM_LIMIT
             except ValueError:
                 raise tornado.web.HTTPError(400, "Content-Length is not a number.") from None
             if too_long:
