@@ -127,6 +127,21 @@ async def test_two_step_login(browser: Browser, new_browser, rdb, clock, setting
     assert not await rdb.keys("sa:lp:*")
 
 
+async def test_a_long_next_is_not_kept_in_the_pending_step(browser: Browser, rdb, clock) -> None:
+    """A review parked 66 KB in Redis per login through ``next``; past 2,048 characters it is dropped."""
+    secret, _ = await enable(browser, clock, "far@example.com")
+    await password_step(browser, "far@example.com", next="/account/security?" + "a" * 60_000)
+    [key] = await rdb.keys("sa:lp:*")
+    assert await rdb.memory_usage(key) < 1024
+    clock.advance(30)
+    r = await browser.post("/login/verify", {"code": code_at(secret, clock())})
+    assert r.code == 303 and r.headers["Location"] == "/account"
+    await password_step(browser, "far@example.com", next="/account/security?" + "a" * 1_000)
+    clock.advance(30)
+    r = await browser.post("/login/verify", {"code": code_at(secret, clock())})
+    assert r.code == 303 and r.headers["Location"] == "/account/security?" + "a" * 1_000
+
+
 async def test_a_code_is_accepted_once_also_by_another_process(browser: Browser, new_browser, rdb, clock,
                                                                settings, redis_url) -> None:
     secret, _ = await enable(browser, clock, "cy@example.com")

@@ -428,11 +428,15 @@ def _xor(data: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(data), "big")
 
 
+MAX_NEXT = 2048  # characters of a local address to return to after a login or a form
+
+
 def safe_next(target: str, default: str = "/account") -> str:
     """``target`` when it is a path on this site, else ``default`` (no open redirect).
 
     Any control character (C0, DEL, C1) makes it the default; other characters outside ASCII are
-    percent-encoded, so the Location header carries nothing but ASCII.
+    percent-encoded, so the Location header carries nothing but ASCII. So does a target longer than
+    ``MAX_NEXT``: it is kept in forms and in a pending login step, and a page's own path never needs it.
     """
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return default
@@ -441,7 +445,8 @@ def safe_next(target: str, default: str = "/account") -> str:
     parts = urllib.parse.urlsplit(target)
     if parts.scheme or parts.netloc:
         return default
-    return urllib.parse.quote(target, safe="/?&=%#:@!$'()*+,;~-._[]")
+    target = urllib.parse.quote(target, safe="/?&=%#:@!$'()*+,;~-._[]")
+    return target if len(target) <= MAX_NEXT else default
 
 
 def authenticated(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
