@@ -7,6 +7,7 @@ flood bounds in test_flood.py.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import dataclasses
 import datetime
@@ -16,6 +17,7 @@ import http.cookies
 import io
 import random
 import string
+import urllib.parse
 
 import pytest
 from prometheus_client import generate_latest
@@ -242,3 +244,29 @@ async def test_unknown_page_and_missing_method_answer_after_the_body(browser: Br
     assert r.code == 405
     r = await browser.fetch("/", method="PUT", body="x=1", headers={"Content-Type": FORM})
     assert r.code == 405
+
+
+async def test_a_body_cut_off_leaves_nothing_in_flight(http_server, base_url, app) -> None:
+    """A review cut off 10 form posts mid-body: the in-flight count never came down, so every
+    refused attempt was answered slowly from then on and a shutdown waited its whole grace."""
+    port = int(urllib.parse.urlsplit(base_url).port or 80)
+    writers = []
+    for _ in range(10):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /login HTTP/1.1\r\nHost: localhost\r\nContent-Type: " + FORM.encode()
+                     + b"\r\nContent-Length: 100\r\n\r\nemail=x")
+        await writer.drain()
+        writers.append(writer)
+
+    async def in_flight_becomes(n: int) -> None:
+        for _ in range(500):  # the server takes a few loop turns to read the headers or see a close
+            if app.ctx.in_flight == n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{app.ctx.in_flight} request(s) in flight, not {n}")
+
+    await in_flight_becomes(10)  # each waits for the rest of its body
+    for writer in writers:
+        writer.close()
+        await writer.wait_closed()
+    await in_flight_becomes(0)

@@ -195,6 +195,7 @@ class AuditLiveHandler(AdminHandler):
     def on_connection_close(self) -> None:
         if self.follower:
             self.follower.stop()
+        super().on_connection_close()
 
 
 def _sse(event: events.Event) -> str:

@@ -101,6 +101,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.current: Current | None = None
         self._xsrf_html: Markup | None = None
         self.ctx.in_flight += 1
+        self._in_flight = True
 
     # -- request life cycle -------------------------------------------------------------
 
@@ -227,7 +228,17 @@ class BaseHandler(tornado.web.RequestHandler):
             self._chunks.append(chunk)
 
     def on_finish(self) -> None:
-        self.ctx.request_done()
+        self._count_out()
+
+    def on_connection_close(self) -> None:
+        # A client gone before its body arrived: Tornado never runs the method nor calls on_finish.
+        self._count_out()
+
+    def _count_out(self) -> None:
+        """The request is no longer in flight (once, whichever of the two comes first)."""
+        if self._in_flight:
+            self._in_flight = False
+            self.ctx.request_done()
 
     def _session_id_from_cookie(self) -> tuple[str | None, int | None]:
         """The session id in the cookie and the version of the cookie secret that signed it."""
