@@ -56,12 +56,14 @@
   // One ceremony: fetch the options, run the browser's call, submit the form with its answer.
   function ceremony(form, button, status, run) {
     var xsrf = form.querySelector("input[name=_xsrf]").value;
+    // Adding a passkey from an older session (or one that moved) needs the password too.
+    var password = form.querySelector("input[name=password]");
     button.disabled = true;
     status.textContent = "Follow your browser's prompt…";
     fetch(form.getAttribute("data-options"), {
       method: "POST", credentials: "same-origin",
       headers: {"Content-Type": "application/x-www-form-urlencoded"},
-      body: "_xsrf=" + encodeURIComponent(xsrf)
+      body: "_xsrf=" + encodeURIComponent(xsrf) + (password ? "&password=" + encodeURIComponent(password.value) : "")
     }).then(function (response) {
       return response.json().then(function (json) {
         if (!response.ok) { throw new Error(json.error || "The site refused: try again."); }
@@ -70,6 +72,7 @@
     }).then(function (cred) {
       form.querySelector("input[name=credential]").value = JSON.stringify(credentialJSON(cred));
       status.textContent = "Checking…";
+      if (password) { password.value = ""; }  // checked already: not sent again
       form.submit();
     }).catch(function (err) {
       status.textContent = explain(err);

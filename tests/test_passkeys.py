@@ -11,7 +11,7 @@ import pyotp
 import pytest
 from softkey import SoftPasskey
 
-from conftest import PASSWORD, Browser, make_admin, read_events, test_settings
+from conftest import PASSWORD, UA_IPHONE, Browser, make_admin, read_events, test_settings
 from sessionaudit import events, keys
 
 pytestmark = pytest.mark.gen_test
@@ -244,3 +244,51 @@ async def test_anonymous_floods_write_nothing(browser: Browser, rdb) -> None:
         assert (await browser.post("/login/passkey", {"credential": stranger.get(opts)})).code == 400
     assert {k: await rdb.type(k) for k in await rdb.keys("*")} == before
     assert await rdb.xlen(keys.AUDIT) == events_before
+
+
+# -- a cookie alone cannot add a factor ------------------------------------------------------------------
+
+async def test_a_stolen_cookie_cannot_add_a_factor_without_the_password(browser: Browser, new_browser, rdb,
+                                                                        clock) -> None:
+    """A review added a passkey (and turned TOTP on) from a copied session cookie in another browser:
+    a way in that outlived the owner's password change and locked the owner out. A session that moved
+    since its sign-in, or began more than 10 minutes ago, must give the password first."""
+    await browser.register("owner@example.com")
+    thief = new_browser(UA_IPHONE)
+    thief.cookies = dict(browser.cookies)
+    assert (await thief.get("/account")).code == 200  # the cookie works (binding is off): a move is recorded
+
+    r = await thief.post("/account/security/passkeys/options")
+    assert r.code == 400 and json.loads(r.body)["error"] == "To add a second factor, enter your password first."
+    r = await thief.post("/account/security/totp")
+    body = r.body.decode()
+    assert r.code == 400 and "enter your password first" in body and "data-totp-secret" not in body
+    r = await thief.post("/account/security/totp", {"password": "a guess of twelve+ chars"})
+    assert r.code == 400 and "data-totp-secret" not in r.body.decode()
+    failed = [e for e in await read_events(rdb) if e.type == events.LOGIN_FAILED]
+    assert [(e.user, e.reason) for e in failed] == [("owner@example.com", events.BAD_CREDENTIALS)]  # and throttled
+    assert not await rdb.keys("sa:pks:*")
+
+    # With the password, the same session may (and the page asks for it in the form).
+    page = (await thief.get("/account/security")).body.decode()
+    assert 'id="totp-password"' in page
+    assert (await thief.post("/account/security/passkeys/options", {"password": PASSWORD})).code == 200
+    r = await thief.post("/account/security/totp", {"password": PASSWORD})
+    assert r.code == 200 and "data-totp-secret" in r.body.decode()
+
+
+async def test_an_old_session_gives_the_password_before_adding_a_factor(browser: Browser, rdb, clock) -> None:
+    await browser.register("aged@example.com")
+    page = (await browser.get("/account/security")).body.decode()
+    assert 'name="password"' not in page.split('action="/account/security/totp"')[1].split("</form>")[0]
+    await add_passkey(browser, "fresh")  # just signed in, here: no password asked
+    for _ in range(11):  # eleven minutes of use: the session stays alive
+        clock.advance(60)
+        assert (await browser.get("/account")).code == 200
+    r = await browser.post("/account/security/passkeys/options")
+    assert r.code == 400
+    key = SoftPasskey(ORIGIN, "sa.example")
+    created = key.create(json.loads((await browser.post("/account/security/passkeys/options",
+                                                        {"password": PASSWORD})).body))
+    r = await browser.post("/account/security/passkeys", {"credential": created, "name": "later"})
+    assert r.code == 303 and r.headers["Location"] == "/account/security?done=passkey-added"

@@ -13,7 +13,7 @@ import pyotp
 import redis
 from playwright.sync_api import expect
 
-from conftest import PASSWORD
+from conftest import PASSWORD, UA_FIREFOX
 
 from .conftest import AXE_JS, Site, log_out, register, screenshot_path
 from .test_pages import AXE_RUN, BLOCKING, SIDEWAYS, WIDTHS
@@ -155,3 +155,31 @@ def test_without_javascript_the_passkey_buttons_stay_hidden(start_site: Callable
     expect(page.get_by_role("button", name="Add a passkey")).to_be_hidden()
     expect(page.get_by_text("Adding a passkey needs JavaScript")).to_be_visible()
     expect(page.get_by_role("button", name="Set up an authenticator app")).to_be_visible()
+
+
+def test_a_session_that_moved_adds_a_passkey_only_with_the_password(start_site: Callable[..., Site],
+                                                                    new_context: Callable[..., Any]) -> None:
+    """The session's cookie in another browser (it moved): the form asks for the password, the script
+    sends it with the options request, a wrong one is refused on the page, the right one adds the key."""
+    site = start_site(host="localhost")
+    first = new_context(site, user_agent=UA_FIREFOX)
+    register(first.new_page(), "mo@example.com")
+    context = new_context(site, storage_state=first.storage_state())  # Chromium's own user agent
+    page = context.new_page()
+    cdp = context.new_cdp_session(page)
+    cdp.send("WebAuthn.enable")
+    cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
+        "protocol": "ctap2", "transport": "internal", "hasResidentKey": True, "hasUserVerification": True,
+        "isUserVerified": True, "automaticPresenceSimulation": True}})
+
+    page.goto("/account/security")
+    expect(page.get_by_label("Your password").first).to_be_visible()
+    page.locator("#passkey-password").fill("not the password at all")
+    page.get_by_role("button", name="Add a passkey").click()
+    expect(page.locator("#passkey-status")).to_have_text("Your password is not right.")
+    expect(page.locator(PASSKEY_ROWS)).to_have_count(0)
+    page.locator("#passkey-password").fill(PASSWORD)
+    page.get_by_role("button", name="Add a passkey").click()
+    page.wait_for_url("**/account/security?done=passkey-added")
+    expect(page.locator(PASSKEY_ROWS)).to_have_count(1)
+    axe_clean(page, "security-reauth")

@@ -20,6 +20,11 @@ NOTICES = {
     "passkey-removed": "The passkey was removed.",
     "passkey-renamed": "The passkey was renamed.",
 }
+# Adding a factor from a session that began more than this long ago, or that moved since (another
+# address or browser: a stolen cookie looks like that), needs the password first: a cookie alone
+# must not let anyone add a way into the account that outlives a password change.
+FRESH_SIGN_IN_MS = 10 * 60 * 1000
+REAUTH = "To add a second factor, enter your password first."
 PASSKEY_ERRORS = {
     "invalid": "Your browser's answer could not be verified. Try again.",
     "expired": "That took too long. Try again.",
@@ -68,32 +73,65 @@ def finish_login(handler: BaseHandler, session_id: str, email: str, next_url: st
 
 # -- the account's security page ---------------------------------------------------------------------
 
-class SecurityBase(BaseHandler):
-    async def show(self, status: int = 200, error: str | None = None) -> None:
-        """The security page (again, with ``error``); it reads the factors: one more round trip."""
-        assert self.current
-        factors = await self.ctx.factors.view(self.current.uid)
-        self.set_status(status)
-        notice = NOTICES.get(self.get_query_argument("done", ""))
-        self.render("security.html", factors=factors, error=error, notice=notice, max_passkeys=MAX_PASSKEYS)
+class FactorBase(BaseHandler):
+    """What the handlers that change an account's factors share: who may, and the password check."""
 
-    async def check_password(self) -> bool | None:
-        """The form's ``password`` checked against the account (throttled as logins are): True when
-        right; False when wrong (recorded, and the page answered); None when throttled (answered)."""
+    # The session's sign-in time and whether it moved come with the page's one round trip.
+    with_sessions = True
+
+    def signed_in_here_recently(self) -> bool:
+        """The session began less than FRESH_SIGN_IN_MS ago and was never used from another address or
+        browser than its sign-in's."""
+        current = self.current
+        assert current
+        this = next((s for s in current.sessions if s.ref == current.ref), None)
+        return (this is not None and not this.moved
+                and self.ctx.sessions.now_ms() - current.created <= FRESH_SIGN_IN_MS)
+
+    async def password_refused(self) -> tuple[int, str] | None:
+        """The form's ``password`` checked against the account (throttled and recorded as logins are):
+        None when right, else the status and message to answer with."""
         assert self.current
         ctx = self.ctx
         password = self.get_argument("password", "", strip=False)[:MAX_PASSWORD_BYTES]
         attempt = await ctx.throttle.check(self.current.email, self.client_ip)
         if attempt.retry_after > 0:
             self.set_header("Retry-After", str(attempt.retry_after))
-            await self.show(429, f"Too many failed attempts. Try again in {attempt.retry_after} seconds.")
-            return None
+            return 429, f"Too many failed attempts. Try again in {attempt.retry_after} seconds."
         ok, _ = await ctx.passwords.verify(attempt.password_hash, password)
         if not ok:
             await ctx.throttle.fail(self.current.email, self.client_ip, self.user_agent, events.BAD_CREDENTIALS,
                                     self.current.uid)
-            await self.show(400, "Your password is not right.")
-            return False
+            return 400, "Your password is not right."
+        return None
+
+    async def may_add_factor(self) -> tuple[int, str] | None:
+        """None when this session may add a factor now (signed in here recently, or the right password
+        in the form); else the status and message to answer with."""
+        if self.signed_in_here_recently():
+            return None
+        if not self.get_argument("password", "", strip=False):
+            return 400, REAUTH
+        return await self.password_refused()
+
+
+class SecurityBase(FactorBase):
+    async def show(self, status: int = 200, error: str | None = None) -> None:
+        """The security page (again, with ``error``); it reads the factors: one more round trip."""
+        assert self.current
+        factors = await self.ctx.factors.view(self.current.uid)
+        self.set_status(status)
+        notice = NOTICES.get(self.get_query_argument("done", ""))
+        self.render("security.html", factors=factors, error=error, notice=notice, max_passkeys=MAX_PASSKEYS,
+                    reauth=not self.signed_in_here_recently())
+
+    async def check_password(self) -> bool | None:
+        """The form's ``password`` checked against the account (throttled as logins are): True when
+        right; False when wrong (recorded, and the page answered); None when throttled (answered)."""
+        refused = await self.password_refused()
+        if refused:
+            await self.show(*refused)
+            return None if refused[0] == 429 else False
         return True
 
 
@@ -110,6 +148,9 @@ class TotpSetupHandler(SecurityBase):
     @authenticated
     async def post(self) -> None:
         assert self.current
+        refused = await self.may_add_factor()
+        if refused:
+            return await self.show(*refused)
         setup = await self.ctx.factors.begin_setup(self.current.uid, self.current.email)
         if setup is None:
             return await self.show(400, "Two-step sign-in is already on.")
@@ -164,7 +205,7 @@ class TotpDisableHandler(SecurityBase):
         self.redirect("/account/security?done=totp-off", status=303)
 
 
-class PasskeyOptionsHandler(BaseHandler):
+class PasskeyOptionsHandler(FactorBase):
     """The options for adding a passkey (JSON, for static/passkeys.js)."""
 
     @form
@@ -175,6 +216,10 @@ class PasskeyOptionsHandler(BaseHandler):
         if not self.ctx.passkeys.available:
             self.set_status(400)
             return self.finish({"error": "Passkeys need the site to be reached by a host name, not an address."})
+        refused = await self.may_add_factor()
+        if refused:
+            self.set_status(refused[0])
+            return self.finish({"error": refused[1]})
         options = await self.ctx.passkeys.registration_options(self.current.uid, self.current.email, self.current.ref)
         if options is None:
             self.set_status(400)
