@@ -84,6 +84,33 @@ async def test_register_probes_are_recorded_and_throttled_per_address(http_clien
         assert sum(e.count for e in throttled) == 12
 
 
+async def test_an_ipv6_client_counts_as_one_address_per_64(http_client, rdb, clock, settings) -> None:
+    """A second review probed registrations and flooded logins from one /64, a new host part each time:
+    every request was a new address. Addresses are throttled by their /64 (events keep the full ip)."""
+    app = make_app(dataclasses.replace(settings, xheaders=True), rdb, clock)
+    async with serving(app, xheaders=True) as base:
+        threshold = settings.login_address_threshold
+        probe = {"email": "nobody@example.com", "password": "x", "password_confirm": "x"}
+        prober = Browser(http_client, base)
+        codes = [(await prober.post("/register", probe, headers={"X-Real-Ip": f"2001:db8:9:2::{n:x}"})).code
+                 for n in range(1, threshold + 6)]
+        assert codes[:threshold] == [400] * threshold and set(codes[threshold:]) == {429}
+        # Spelled out in full, the same network is still the same address; the next /64 is another.
+        same = "2001:0db8:0009:0002:ffff:0000:0000:0001"
+        assert (await prober.post("/register", probe, headers={"X-Real-Ip": same})).code == 429
+        assert (await prober.post("/register", probe, headers={"X-Real-Ip": "2001:db8:9:3::1"})).code == 400
+
+        guesser = Browser(http_client, base)
+        codes = []
+        for n in range(1, threshold + 6):
+            r = await guesser.post("/login", {"email": f"random{n}@example.com", "password": "wrong password!"},
+                                   headers={"X-Real-Ip": f"2001:db8:7:1:{n:x}::1"})
+            codes.append(r.code)
+        assert codes[:threshold] == [401] * threshold and set(codes[threshold:]) == {429}
+        failed = [e for e in await read_events(rdb) if e.type == "login_failed" and e.reason == "bad_credentials"]
+        assert [e.ip for e in failed] == [f"2001:db8:7:1:{n:x}::1" for n in range(1, threshold + 1)]
+
+
 # -- 4. anyone could keep an account locked out -------------------------------------------------
 
 async def test_device_cookie_lets_the_owner_in_while_an_attacker_locks_the_account(new_browser, rdb, clock,

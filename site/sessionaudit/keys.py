@@ -49,9 +49,9 @@ FAIL_IPS = "sa:st:fip:"  # + hour number: zset ip -> failures (the FAIL_IPS_MAX 
 FAIL_IPS_MAX = 1000
 FAIL_MINUTE = "sa:st:fm:"  # + minute number: failed logins in that minute
 FAIL_ACCOUNT = "sa:f:a:"  # + email: throttle state (see throttle.py)
-FAIL_ADDRESS = "sa:f:i:"  # + ip
+FAIL_ADDRESS = "sa:f:i:"  # + ip (IPv6: its /64, "2001:db8:0:1::/64")
 FAIL_DEVICE = "sa:f:d:"  # + device id: failures made with that browser's device cookie
-FAIL_REGISTER = "sa:f:r:"  # + ip: refused registrations
+FAIL_REGISTER = "sa:f:r:"  # + ip (as FAIL_ADDRESS): refused registrations
 THROTTLE_DUE = "sa:f:due"  # zset: throttle keys with refused attempts not yet recorded, by when they are due
 # Second factors (factors.py, passkeys.py). Secrets are stored encrypted (factors.SecretBox).
 MFA = "sa:mfa:"  # + uid: hash totp (encrypted secret), step (last accepted time step), since (ms)

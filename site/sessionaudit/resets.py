@@ -46,7 +46,7 @@ local uid = redis.call('HGET', 'sa:emails', email)
 local ev = {t = 'password_reset_requested', u = uid or nil, e = email, i = ip, g = ua, c = ARGV[14]}
 if ARGV[15] == '1' then
   local t_acct, t_addr, base, cap = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-  local akey, ikey = 'sa:f:pa:' .. email, 'sa:f:pi:' .. ip
+  local akey, ikey = 'sa:f:pa:' .. email, 'sa:f:pi:' .. address_of(ip)
   local by, wait, delay = nil, 0, 0
   local w, d = throttle_wait(akey, t_acct, base, cap, now)
   if w > 0 then by, wait, delay = akey, w, d end

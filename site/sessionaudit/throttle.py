@@ -54,6 +54,23 @@ SUMMARY_KEEP_MS = 7 * 86_400_000  # a pending summary outlives its window by thi
 # u uid, e email, i ip, g user agent, r reason, s session), their user agents in the HyperLogLog '<key>:h', and
 # the key in sa:f:due (scored by w) so that the sweeper records the last window of a flood.
 LUA = r"""
+-- What counts as one address: IPv4 as it is, IPv6 by its /64 network (one client holds a whole /64,
+-- 2^64 addresses), as the check for sessions that move counts it. The key only: events keep the ip.
+local function address_of(ip)
+  if not string.find(ip, ':', 1, true) or string.find(ip, '.', 1, true) then return ip end
+  local head, tail, at = ip, '', string.find(ip, '::', 1, true)
+  if at then head, tail = string.sub(ip, 1, at - 1), string.sub(ip, at + 2) end
+  local h, t, groups = {}, {}, {}
+  for g in string.gmatch(head, '[^:]+') do h[#h + 1] = g end
+  for g in string.gmatch(tail, '[^:]+') do t[#t + 1] = g end
+  for _, g in ipairs(h) do groups[#groups + 1] = g end
+  if at then for _ = 1, 8 - #h - #t do groups[#groups + 1] = '0' end end
+  for _, g in ipairs(t) do groups[#groups + 1] = g end
+  local out = {}
+  for i = 1, 4 do out[i] = string.format('%x', tonumber(groups[i] or '0', 16) or 0) end
+  return table.concat(out, ':') .. '::/64'
+end
+
 -- How long the key makes an attempt wait (ms), its backoff window (ms), and its count.
 local function throttle_wait(key, threshold, base, cap, now)
   local f = redis.call('HMGET', key, 'n', 't')
@@ -137,7 +154,7 @@ end
 -- counted into the summary of that key's backoff window (`delay` ms). An address's refusal names
 -- no account. Returns true when `ev` itself was recorded.
 local function refuse_login(now, email, ip, device, by, delay, ev)
-  local key = 'sa:f:i:' .. ip
+  local key = 'sa:f:i:' .. address_of(ip)
   if by == 'account' then key = 'sa:f:a:' .. email elseif by == 'device' then key = 'sa:f:d:' .. device end
   if by == 'address' then ev.u = nil; ev.e = nil end
   return summarise(key, now, math.max(delay, 1000), ev)
@@ -170,7 +187,7 @@ local own_key, own_kind = 'sa:f:a:' .. email, 'account'
 if device ~= '' then own_key, own_kind = 'sa:f:d:' .. device, 'device' end
 local w, d = throttle_claim(own_key, t_acct, base, cap, now)
 if w > 0 then by, wait, delay = own_kind, w, d end
-w, d = throttle_claim('sa:f:i:' .. ip, t_addr, base, cap, now)
+w, d = throttle_claim('sa:f:i:' .. address_of(ip), t_addr, base, cap, now)
 if w > wait then by, wait, delay = 'address', w, d end
 local uid = redis.call('HGET', 'sa:emails', email)
 local user = {false, false}
@@ -200,7 +217,7 @@ local own_key, own_kind = 'sa:f:a:' .. email, 'account'
 if device ~= '' then own_key, own_kind = 'sa:f:d:' .. device, 'device' end
 emit(now, {t = 'login_failed', u = uid, e = email, i = ip, g = ua, r = reason})
 local an = throttle_fail(own_key, now, window)
-local inn = throttle_fail('sa:f:i:' .. ip, now, window)
+local inn = throttle_fail('sa:f:i:' .. address_of(ip), now, window)
 if an == t_acct then emit(now, {t = 'locked_out', u = uid, e = email, i = ip, g = ua, r = own_kind}) end
 if inn == t_addr then emit(now, {t = 'locked_out', i = ip, g = ua, r = 'address'}) end
 return an
@@ -212,7 +229,7 @@ return an
 REGISTER_FAILED = r"""
 local now, email, ip, ua, reason = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local t_addr, base, cap, window = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local key = 'sa:f:r:' .. ip
+local key = 'sa:f:r:' .. address_of(ip)
 local wait, delay = throttle_wait(key, t_addr, base, cap, now)
 local ev = {t = 'register_failed', e = email, i = ip, g = ua, r = reason}
 if wait > 0 then
@@ -230,7 +247,7 @@ return string.format('%.0f', wait)
 
 # Is this address throttled for registrations? ARGV: now, ip, t_addr, base, cap. Returns the wait (ms).
 REGISTER_WAIT = r"""
-local wait = throttle_wait('sa:f:r:' .. ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+local wait = throttle_wait('sa:f:r:' .. address_of(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
                            tonumber(ARGV[1]))
 return string.format('%.0f', wait)
 """
