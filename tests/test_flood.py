@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 
 import pytest
 
@@ -116,6 +117,34 @@ async def test_a_flood_from_ever_new_addresses_is_bounded_per_minute(http_client
         await app.ctx.throttle.flush_due()
         failed = [e for e in await read_events(rdb) if e.type == "register_failed"]
         assert sum(e.count for e in failed) == 300 and failed[-1].count == 279
+
+
+async def test_failed_logins_from_ever_new_emails_and_addresses_are_bounded_per_minute(http_client, rdb, clock,
+                                                                                       settings) -> None:
+    """A second review guessed from 200 addresses with a new email each time: no key ever reached a
+    threshold, so every failure was an event (600 B each). Past the budget they are summarised."""
+    settings = dataclasses.replace(settings, xheaders=True, door_budget=20)
+    app = make_app(settings, rdb, clock)
+    async with serving(app, xheaders=True) as base:
+        guesser = Browser(http_client, base)
+        await guesser.get("/login")
+        before = await rdb.xlen(keys.AUDIT)
+        for i in range(300):
+            r = await guesser.post("/login", {"email": f"guess{i}@example.com", "password": "wrong password!"},
+                                   headers={"X-Forwarded-For": f"10.{i // 250}.{i % 250}.1"})
+            assert r.code == 401  # answered as always
+        assert await rdb.xlen(keys.AUDIT) - before == 21  # the budget, then one as it came, the rest counted
+        clock.advance(61)
+        await app.ctx.throttle.flush_due()
+        failed = [e for e in await read_events(rdb) if e.type == "login_failed"]
+        assert sum(e.count for e in failed) == 300 and failed[-1].count == 279
+        assert failed[-1].user == "guess299@example.com" and failed[-1].reason == "throttled"
+        assert [e.reason for e in failed] == ["bad_credentials"] * 20 + ["throttled"] * 2
+        admin = Browser(http_client, base)
+        await admin.register("root@example.com")
+        await make_admin(rdb, "root@example.com")
+        dashboard = (await admin.get("/admin")).body.decode()
+        assert re.search(r'id="stat-failures">300<', dashboard), "the dashboard counts every failure"
 
 
 async def test_retention_drops_user_agent_dictionaries_with_their_days(browser: Browser, new_browser, rdb, app,

@@ -161,8 +161,8 @@ local function refuse_login(now, email, ip, device, by, delay, ev)
 end
 
 -- Record `ev` of a cheap door: one by one up to `budget` a minute (all doors of its kind
--- together), summarised past it.
-local function record_budgeted(door, now, budget, ev)
+-- together), summarised past it (with the reason `over_reason` when given).
+local function record_budgeted(door, now, budget, ev, over_reason)
   local minute = 'sa:f:b:' .. door .. ':' .. string.format('%.0f', math.floor(now / 60000))
   local used = redis.call('INCR', minute)
   if used == 1 then redis.call('PEXPIRE', minute, 120000) end
@@ -170,6 +170,7 @@ local function record_budgeted(door, now, budget, ev)
     emit(now, ev)
     return true
   end
+  if over_reason then ev.r = over_reason end
   return summarise('sa:f:b:' .. door, now, 60000, ev)
 end
 """
@@ -208,18 +209,26 @@ return refuse_login(tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[10], ARGV[6], tonu
 """
 
 # A failed login (or second-factor code). ARGV: now, email, ip, ua, reason, t_acct, t_addr, window_ms,
-# uid, device ('' none). Both the account's (or, with a device cookie, the device's) and the address's
-# counts grow; crossing a threshold records one locked_out. Returns the account's (device's) count.
+# uid, device ('' none), budget. Both the account's (or, with a device cookie, the device's) and the
+# address's counts grow; crossing a threshold records one locked_out. Failures from ever new emails
+# and addresses never reach a threshold: past `budget` a minute (all of them together) they are
+# summarised, as a cheap door's are. Returns the account's (device's) count.
 FAIL = r"""
 local now, email, ip, ua, reason = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local t_acct, t_addr, window, uid, device = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], ARGV[10]
+local budget = tonumber(ARGV[11])
 local own_key, own_kind = 'sa:f:a:' .. email, 'account'
 if device ~= '' then own_key, own_kind = 'sa:f:d:' .. device, 'device' end
-emit(now, {t = 'login_failed', u = uid, e = email, i = ip, g = ua, r = reason})
+-- Past the budget, the failures' recording is what is throttled: summarised as login_failed/throttled,
+-- the one kind of event the contract lets carry a count above 1 for logins.
+record_budgeted('login', now, budget, {t = 'login_failed', u = uid, e = email, i = ip, g = ua, r = reason},
+                'throttled')
 local an = throttle_fail(own_key, now, window)
 local inn = throttle_fail('sa:f:i:' .. address_of(ip), now, window)
-if an == t_acct then emit(now, {t = 'locked_out', u = uid, e = email, i = ip, g = ua, r = own_kind}) end
-if inn == t_addr then emit(now, {t = 'locked_out', i = ip, g = ua, r = 'address'}) end
+if an == t_acct then
+  record_budgeted('lockout', now, budget, {t = 'locked_out', u = uid, e = email, i = ip, g = ua, r = own_kind})
+end
+if inn == t_addr then record_budgeted('lockout', now, budget, {t = 'locked_out', i = ip, g = ua, r = 'address'}) end
 return an
 """
 
@@ -333,7 +342,7 @@ class Throttle:
         s = self.settings
         failures = int(await self.scripts.fail(args=[
             self._now(), email, ip, user_agent, reason, s.login_account_threshold,
-            s.login_address_threshold, s.login_window * 1000, uid or "", device or ""]))
+            s.login_address_threshold, s.login_window * 1000, uid or "", device or "", s.door_budget]))
         self.count("login_failed", 1)
         if failures == s.login_account_threshold:
             self.count("locked_out", 1)
