@@ -66,13 +66,16 @@
       body: "_xsrf=" + encodeURIComponent(xsrf) + (password ? "&password=" + encodeURIComponent(password.value) : "")
     }).then(function (response) {
       return response.json().then(function (json) {
+        if (json.reauth && !password) {  // the page was loaded while the sign-in was fresh: ask again
+          window.location.assign(window.location.pathname + "?done=reauth");
+          return new Promise(function () {});
+        }
         if (!response.ok) { throw new Error(json.error || "The site refused: try again."); }
         return run(json);
       });
     }).then(function (cred) {
       form.querySelector("input[name=credential]").value = JSON.stringify(credentialJSON(cred));
       status.textContent = "Checking…";
-      if (password) { password.value = ""; }  // checked already: not sent again
       form.submit();
     }).catch(function (err) {
       status.textContent = explain(err);

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import datetime
 import email.utils
+import gc
 import gzip
 import http.cookies
 import io
@@ -25,6 +26,7 @@ from prometheus_client import generate_latest
 from conftest import PASSWORD, Browser, make_admin, read_events, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
+from sessionaudit.handlers.auth import LoginHandler
 
 pytestmark = pytest.mark.gen_test(timeout=60)
 
@@ -109,6 +111,29 @@ async def test_an_ipv6_client_counts_as_one_address_per_64(http_client, rdb, clo
         assert codes[:threshold] == [401] * threshold and set(codes[threshold:]) == {429}
         failed = [e for e in await read_events(rdb) if e.type == "login_failed" and e.reason == "bad_credentials"]
         assert [e.ip for e in failed] == [f"2001:db8:7:1:{n:x}::1" for n in range(1, threshold + 1)]
+
+
+@pytest.mark.parametrize("spellings", [
+    [f"2001:db8:bb:1::10.0.{n}.1" for n in range(1, 200)],  # an IPv4 tail on one /64
+    [f"{'0xc0' if k % 2 else '0300'}.{'0' * k}.2.0115" for k in range(1, 200)],  # 192.0.2.77, many ways
+])
+async def test_one_address_spelled_many_ways_is_one_address(http_client, rdb, clock, settings, spellings) -> None:
+    app = make_app(dataclasses.replace(settings, xheaders=True), rdb, clock)
+    async with serving(app, xheaders=True) as base:
+        threshold = settings.login_address_threshold
+        guesser = Browser(http_client, base)
+        codes = []
+        for n, spelling in enumerate(spellings[:threshold + 3]):
+            r = await guesser.post("/login", {"email": f"r{n}@example.com", "password": "wrong password!"},
+                                   headers={"X-Real-Ip": spelling})
+            codes.append(r.code)
+        assert codes[:threshold] == [401] * threshold and set(codes[threshold:]) == {429}
+        # One spelling in the trail too, and an IPv4-mapped IPv6 address is its IPv4 address.
+        r = await guesser.post("/login", {"email": "m@example.com", "password": "wrong password!"},
+                               headers={"X-Real-Ip": "::ffff:c633:6407"})
+        assert r.code == 401
+        last = [e for e in await read_events(rdb) if e.type == "login_failed"][-1]
+        assert last.ip == "198.51.100.7"
 
 
 # -- 4. anyone could keep an account locked out -------------------------------------------------
@@ -297,3 +322,11 @@ async def test_a_body_cut_off_leaves_nothing_in_flight(http_server, base_url, ap
         writer.close()
         await writer.wait_closed()
     await in_flight_becomes(0)
+    # ...and the handlers are let go (a re-check found each kept for the life of the process, with
+    # its buffered body, and logged as a 500 at shutdown).
+    for _ in range(100):
+        gc.collect()
+        if not [o for o in gc.get_objects() if isinstance(o, LoginHandler)]:
+            break
+        await asyncio.sleep(0.01)
+    assert not [o for o in gc.get_objects() if isinstance(o, LoginHandler)]

@@ -291,4 +291,29 @@ async def test_an_old_session_gives_the_password_before_adding_a_factor(browser:
     created = key.create(json.loads((await browser.post("/account/security/passkeys/options",
                                                         {"password": PASSWORD})).body))
     r = await browser.post("/account/security/passkeys", {"credential": created, "name": "later"})
+    assert r.code == 400 and not (await browser.get("/account/security")).body.decode().count("later")
+    r = await browser.post("/account/security/passkeys", {"credential": created, "name": "later",
+                                                          "password": PASSWORD})
     assert r.code == 303 and r.headers["Location"] == "/account/security?done=passkey-added"
+
+
+async def test_a_step_begun_while_fresh_is_not_finished_after_a_move(browser: Browser, new_browser, rdb,
+                                                                    clock) -> None:
+    """A re-check: a passkey challenge or a TOTP setup obtained while the session was fresh, then used
+    from the moved session (its wrong-code page even showed the secret). Every step passes the gate."""
+    await browser.register("steps@example.com")
+    key = SoftPasskey(ORIGIN, "sa.example")
+    created = key.create(await options(browser, "/account/security/passkeys/options"))
+    secret_page = (await browser.post("/account/security/totp")).body.decode()
+    secret = re.search(r'data-totp-secret="([A-Z2-7]+)"', secret_page).group(1)
+    thief = new_browser(UA_IPHONE)
+    thief.cookies = dict(browser.cookies)
+    r = await thief.post("/account/security/passkeys", {"credential": created, "name": "thief"})
+    assert r.code == 400 and not await rdb.keys("sa:pks:*")
+    r = await thief.post("/account/security/totp/confirm", {"code": "000000"})
+    assert r.code == 400 and secret not in r.body.decode()
+    r = await thief.post("/account/security/totp/confirm", {"code": pyotp.TOTP(secret).at(clock())})
+    assert r.code == 400 and "data-recovery-code" not in r.body.decode()
+    assert not [e for e in await read_events(rdb) if e.type in (events.MFA_ENABLED, events.PASSKEY_ADDED)]
+    options_reply = await thief.post("/account/security/passkeys/options")
+    assert json.loads(options_reply.body)["reauth"] is True  # the script then reloads the page, which asks

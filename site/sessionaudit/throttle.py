@@ -210,19 +210,21 @@ return refuse_login(tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[10], ARGV[6], tonu
 
 # A failed login (or second-factor code). ARGV: now, email, ip, ua, reason, t_acct, t_addr, window_ms,
 # uid, device ('' none), budget. Both the account's (or, with a device cookie, the device's) and the
-# address's counts grow; crossing a threshold records one locked_out. Failures from ever new emails
-# and addresses never reach a threshold: past `budget` a minute (all of them together) they are
-# summarised, as a cheap door's are. Returns the account's (device's) count.
+# address's counts grow; crossing a threshold records one locked_out. Failures for ever new emails
+# without an account, from ever new addresses, never reach a threshold: past `budget` a minute (all
+# of them together) they are summarised, as a cheap door's are. Returns the account's (device's) count.
 FAIL = r"""
 local now, email, ip, ua, reason = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local t_acct, t_addr, window, uid, device = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], ARGV[10]
 local budget = tonumber(ARGV[11])
 local own_key, own_kind = 'sa:f:a:' .. email, 'account'
 if device ~= '' then own_key, own_kind = 'sa:f:d:' .. device, 'device' end
--- Past the budget, the failures' recording is what is throttled: summarised as login_failed/throttled,
--- the one kind of event the contract lets carry a count above 1 for logins.
-record_budgeted('login', now, budget, {t = 'login_failed', u = uid, e = email, i = ip, g = ua, r = reason},
-                'throttled')
+-- A failure against an account is always recorded as itself (the account's own throttle bounds
+-- them, and its owner's history must show every guess, however much junk surrounds it). Failures
+-- for emails without an account share a budget: past it, their recording is what is throttled,
+-- summarised as login_failed/throttled (the one kind of login event that may carry a count).
+local ev = {t = 'login_failed', u = uid, e = email, i = ip, g = ua, r = reason}
+if uid ~= '' then emit(now, ev) else record_budgeted('login', now, budget, ev, 'throttled') end
 local an = throttle_fail(own_key, now, window)
 local inn = throttle_fail('sa:f:i:' .. address_of(ip), now, window)
 if an == t_acct then

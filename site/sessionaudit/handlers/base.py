@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import os
 import random
 import re
+import socket
 import time
 import unicodedata
 import urllib.parse
@@ -90,6 +92,7 @@ class BaseHandler(tornado.web.RequestHandler):
                                        for m in ("post", "put", "patch", "delete"))
 
     _cookie_values: dict[str, str] | None = None
+    _client_ip: str | None = None
 
     def initialize(self) -> None:
         self.ctx = self.application.ctx
@@ -231,7 +234,10 @@ class BaseHandler(tornado.web.RequestHandler):
         self._count_out()
 
     def on_connection_close(self) -> None:
-        # A client gone before its body arrived: Tornado never runs the method nor calls on_finish.
+        # A client gone before its body arrived: Tornado's own handling ends the wait for the body
+        # (the handler is then released), but it runs no method and calls no on_finish.
+        super().on_connection_close()
+        self._chunks = []
         self._count_out()
 
     def _count_out(self) -> None:
@@ -310,7 +316,12 @@ class BaseHandler(tornado.web.RequestHandler):
 
     @property
     def client_ip(self) -> str:
-        return self.request.remote_ip or ""
+        """The client's address in one spelling (``0300.0.2.0115`` is ``192.0.2.77``; an IPv4-mapped
+        IPv6 address is its IPv4 address), so that throttles and the trail see one address as one."""
+        ip = self._client_ip
+        if ip is None:
+            ip = self._client_ip = canonical_ip(self.request.remote_ip or "")
+        return ip
 
     @property
     def user_agent(self) -> str:
@@ -437,6 +448,22 @@ def _xor(data: bytes, mask: bytes) -> bytes:
     """``data`` XOR the 4-byte ``mask`` repeated (Tornado's masking of XSRF tokens)."""
     repeated = (mask * (len(data) // 4 + 1))[:len(data)]
     return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(data), "big")
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_ip(ip: str) -> str:
+    """One spelling per address: IPv6 compressed and in lower case (without a zone), an IPv4-mapped
+    IPv6 address as its IPv4 address, IPv4 in dotted decimal whatever the spelling Tornado let in."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        try:
+            return socket.inet_ntoa(socket.inet_aton(ip))  # octal, hex or short IPv4 forms
+        except OSError:
+            return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 MAX_NEXT = 2048  # characters of a local address to return to after a login or a form

@@ -12,6 +12,7 @@ from ..passwords import MAX_PASSWORD_BYTES
 from ..views import ua_summary
 from .base import BaseHandler, authenticated, form, safe_next
 
+REAUTH = "To add a second factor, enter your password first."
 LOGIN_STEP_COOKIE = "login_step"  # the pending second step's id and deadline, for this browser only
 BAD_CODE = "That code is not right. Check the time on your phone, or use a recovery code."
 NOTICES = {
@@ -19,12 +20,12 @@ NOTICES = {
     "passkey-added": "Your passkey was added. You can sign in with it on the login page, without your password.",
     "passkey-removed": "The passkey was removed.",
     "passkey-renamed": "The passkey was renamed.",
+    "reauth": REAUTH,
 }
 # Adding a factor from a session that began more than this long ago, or that moved since (another
 # address or browser: a stolen cookie looks like that), needs the password first: a cookie alone
 # must not let anyone add a way into the account that outlives a password change.
 FRESH_SIGN_IN_MS = 10 * 60 * 1000
-REAUTH = "To add a second factor, enter your password first."
 PASSKEY_ERRORS = {
     "invalid": "Your browser's answer could not be verified. Try again.",
     "expired": "That took too long. Try again.",
@@ -94,14 +95,15 @@ class FactorBase(BaseHandler):
         assert self.current
         ctx = self.ctx
         password = self.get_argument("password", "", strip=False)[:MAX_PASSWORD_BYTES]
-        attempt = await ctx.throttle.check(self.current.email, self.client_ip)
+        device = self.device_for(self.current.email)  # as at login: others' failures do not lock this browser
+        attempt = await ctx.throttle.check(self.current.email, self.client_ip, device)
         if attempt.retry_after > 0:
             self.set_header("Retry-After", str(attempt.retry_after))
             return 429, f"Too many failed attempts. Try again in {attempt.retry_after} seconds."
         ok, _ = await ctx.passwords.verify(attempt.password_hash, password)
         if not ok:
             await ctx.throttle.fail(self.current.email, self.client_ip, self.user_agent, events.BAD_CREDENTIALS,
-                                    self.current.uid)
+                                    self.current.uid, device)
             return 400, "Your password is not right."
         return None
 
@@ -165,6 +167,11 @@ class TotpConfirmHandler(SecurityBase):
     async def post(self) -> None:
         assert self.current
         ctx = self.ctx
+        # The same gate as the start: a setup begun while fresh is not finished from a session that
+        # has since moved or aged (its wrong-code page would show the secret).
+        refused = await self.may_add_factor()
+        if refused:
+            return await self.show(*refused)
         result = await ctx.factors.confirm_setup(self.current.uid, self.get_argument("code", ""), ref=self.current.ref,
                                                  ip=self.client_ip, user_agent=self.user_agent)
         if isinstance(result, list):
@@ -219,7 +226,7 @@ class PasskeyOptionsHandler(FactorBase):
         refused = await self.may_add_factor()
         if refused:
             self.set_status(refused[0])
-            return self.finish({"error": refused[1]})
+            return self.finish({"error": refused[1], "reauth": refused[1] == REAUTH})
         options = await self.ctx.passkeys.registration_options(self.current.uid, self.current.email, self.current.ref)
         if options is None:
             self.set_status(400)
@@ -235,6 +242,10 @@ class PasskeyAddHandler(SecurityBase):
         ctx = self.ctx
         if not ctx.passkeys.available:
             return await self.show(400, "Passkeys are not available at this site's address.")
+        # The same gate as the options: a challenge fetched while fresh is not used after a move.
+        refused = await self.may_add_factor()
+        if refused:
+            return await self.show(*refused)
         result = await ctx.passkeys.add(self.current.uid, self.current.ref, self.get_argument("credential", ""),
                                         self.get_argument("name", "") or self._default_name(), ip=self.client_ip,
                                         user_agent=self.user_agent)
