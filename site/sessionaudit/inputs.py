@@ -8,7 +8,10 @@ too; a date before 1970 or after 9999) is one ``ValueError``, which the handlers
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import ipaddress
 import re
+import socket
 
 _DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
 _EVENT_ID = re.compile(r"([0-9]{1,15})(?:-([0-9]{1,19}))?", re.ASCII)
@@ -59,3 +62,29 @@ def parse_time(text: str) -> int:
     if not 0 <= ms <= MAX_TIME_MS:
         raise ValueError("times must lie between 1970 and 9999")
     return ms
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_ip(ip: str) -> str:
+    """One spelling per address: IPv6 compressed and in lower case (without a zone), an IPv4-mapped
+    IPv6 address as its IPv4 address, IPv4 in dotted decimal whatever the spelling Tornado let in."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        try:
+            return socket.inet_ntoa(socket.inet_aton(ip))  # octal, hex or short IPv4 forms
+        except OSError:
+            return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def address_key(ip: str) -> str:
+    """What counts as one address (the throttles, the check for sessions that move): IPv4 as it is,
+    IPv6 by its /64 network (one client holds a whole /64), whatever the spelling."""
+    ip = canonical_ip(ip)
+    if ":" in ip:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return ip

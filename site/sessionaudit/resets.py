@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from . import events, keys, throttle
 from .config import Settings
+from .inputs import address_key
 from .sessions import END_SESSIONS
 
 TOKEN_TTL = 30 * 60  # seconds a reset link works
@@ -37,7 +38,8 @@ RESET_PATH = "/password/reset/"
 
 # A reset request. ARGV: now, email, ip, ua, token hash, ttl_ms, slack_ms, t_acct, t_addr, base, cap,
 # window_ms, budget, actor, throttled ('1': apply the throttle and the budget; '0': an admin or the
-# command line). Returns {result, wait_ms}: result 'sent' (a token was stored for an enabled
+# command line), the address as throttles count it (inputs.address_key).
+# Returns {result, wait_ms}: result 'sent' (a token was stored for an enabled
 # account), 'none' (no such account, or disabled) or 'throttled'.
 REQUEST = r"""
 local now, email, ip, ua, digest = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -46,7 +48,7 @@ local uid = redis.call('HGET', 'sa:emails', email)
 local ev = {t = 'password_reset_requested', u = uid or nil, e = email, i = ip, g = ua, c = ARGV[14]}
 if ARGV[15] == '1' then
   local t_acct, t_addr, base, cap = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-  local akey, ikey = 'sa:f:pa:' .. email, 'sa:f:pi:' .. address_of(ip)
+  local akey, ikey = 'sa:f:pa:' .. email, 'sa:f:pi:' .. ARGV[16]
   local by, wait, delay = nil, 0, 0
   local w, d = throttle_wait(akey, t_acct, base, cap, now)
   if w > 0 then by, wait, delay = akey, w, d end
@@ -162,7 +164,7 @@ class ResetStore:
             self._now(), email, ip, user_agent, digest(token), self.ttl_ms, TOKEN_SLACK_MS,
             s.login_account_threshold, s.login_address_threshold, int(s.login_backoff_base * 1000),
             int(s.login_backoff_max * 1000), s.login_window * 1000, s.door_budget, actor,
-            "1" if throttled else "0"])
+            "1" if throttled else "0", address_key(ip)])
         if result == b"throttled":
             return Requested(token=None, retry_after=max(1, math.ceil(int(wait) / 1000)))
         self.count(events.PASSWORD_RESET_REQUESTED, 1)

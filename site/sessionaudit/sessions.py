@@ -20,7 +20,6 @@ import base64
 import functools
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from . import events, keys, throttle
+from .inputs import address_key
 
 # Log in: a Lua function that scripts which finish a login of their own (a second factor, a passkey)
 # include and call with the offset of its 14 arguments in ARGV (``SessionStore.login_args``):
@@ -358,19 +358,6 @@ class Current:
 
 MOVES_PER_MINUTE = 10  # session_changed events a session records one by one each minute; the rest summarised
 _VERSIONS = re.compile(r"\d+(?:[._]\d+)*")
-
-
-def address_key(ip: str) -> str:
-    """What counts as the same address: IPv4 as it is, IPv6 by its /64 network."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
 
 
 def browser_key(user_agent: str) -> str:

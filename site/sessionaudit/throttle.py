@@ -44,6 +44,7 @@ import redis.asyncio as aioredis
 
 from . import events, keys
 from .config import Settings
+from .inputs import address_key
 
 DEVICE_KEY_LABEL = "sessionaudit device cookie"
 SUMMARY_KEEP_MS = 7 * 86_400_000  # a pending summary outlives its window by this much (no server running)
@@ -54,23 +55,6 @@ SUMMARY_KEEP_MS = 7 * 86_400_000  # a pending summary outlives its window by thi
 # u uid, e email, i ip, g user agent, r reason, s session), their user agents in the HyperLogLog '<key>:h', and
 # the key in sa:f:due (scored by w) so that the sweeper records the last window of a flood.
 LUA = r"""
--- What counts as one address: IPv4 as it is, IPv6 by its /64 network (one client holds a whole /64,
--- 2^64 addresses), as the check for sessions that move counts it. The key only: events keep the ip.
-local function address_of(ip)
-  if not string.find(ip, ':', 1, true) or string.find(ip, '.', 1, true) then return ip end
-  local head, tail, at = ip, '', string.find(ip, '::', 1, true)
-  if at then head, tail = string.sub(ip, 1, at - 1), string.sub(ip, at + 2) end
-  local h, t, groups = {}, {}, {}
-  for g in string.gmatch(head, '[^:]+') do h[#h + 1] = g end
-  for g in string.gmatch(tail, '[^:]+') do t[#t + 1] = g end
-  for _, g in ipairs(h) do groups[#groups + 1] = g end
-  if at then for _ = 1, 8 - #h - #t do groups[#groups + 1] = '0' end end
-  for _, g in ipairs(t) do groups[#groups + 1] = g end
-  local out = {}
-  for i = 1, 4 do out[i] = string.format('%x', tonumber(groups[i] or '0', 16) or 0) end
-  return table.concat(out, ':') .. '::/64'
-end
-
 -- How long the key makes an attempt wait (ms), its backoff window (ms), and its count.
 local function throttle_wait(key, threshold, base, cap, now)
   local f = redis.call('HMGET', key, 'n', 't')
@@ -151,10 +135,11 @@ local function summarise(key, now, window, ev)
 end
 
 -- A login attempt refused while `by` ('account', 'device' or 'address') throttles it: recorded, or
--- counted into the summary of that key's backoff window (`delay` ms). An address's refusal names
--- no account. Returns true when `ev` itself was recorded.
-local function refuse_login(now, email, ip, device, by, delay, ev)
-  local key = 'sa:f:i:' .. address_of(ip)
+-- counted into the summary of that key's backoff window (`delay` ms). `addr` is the address as the
+-- throttles count it (inputs.address_key). An address's refusal names no account. Returns true
+-- when `ev` itself was recorded.
+local function refuse_login(now, email, addr, device, by, delay, ev)
+  local key = 'sa:f:i:' .. addr
   if by == 'account' then key = 'sa:f:a:' .. email elseif by == 'device' then key = 'sa:f:d:' .. device end
   if by == 'address' then ev.u = nil; ev.e = nil end
   return summarise(key, now, math.max(delay, 1000), ev)
@@ -175,8 +160,9 @@ local function record_budgeted(door, now, budget, ev, over_reason)
 end
 """
 
-# The login door. ARGV: now, email, ip, device ('' none), t_acct, t_addr, base, cap, and to record a
-# refusal in the same script when throttled: '1', the user agent, the event type and reason.
+# The login door. ARGV: now, email, ip, device ('' none), t_acct, t_addr, base, cap, the address as
+# throttles count it (inputs.address_key), and to record a refusal in the same script when
+# throttled: '1', the user agent, the event type and reason.
 # Returns {uid, hash, disabled, wait_ms, delay_ms, by, recorded} where `by` names the key that
 # throttles ('account', 'device', 'address' or '') and `recorded` is '1' when the refusal was recorded
 # as an event of its own (not counted into a summary).
@@ -188,35 +174,38 @@ local own_key, own_kind = 'sa:f:a:' .. email, 'account'
 if device ~= '' then own_key, own_kind = 'sa:f:d:' .. device, 'device' end
 local w, d = throttle_claim(own_key, t_acct, base, cap, now)
 if w > 0 then by, wait, delay = own_kind, w, d end
-w, d = throttle_claim('sa:f:i:' .. address_of(ip), t_addr, base, cap, now)
+local addr = ARGV[9]
+w, d = throttle_claim('sa:f:i:' .. addr, t_addr, base, cap, now)
 if w > wait then by, wait, delay = 'address', w, d end
 local uid = redis.call('HGET', 'sa:emails', email)
 local user = {false, false}
 if uid then user = redis.call('HMGET', 'sa:user:' .. uid, 'hash', 'disabled') end
 local recorded = '0'
-if wait > 0 and ARGV[9] == '1' then
-  local ev = {t = ARGV[11], u = uid or '', e = email ~= '-' and email or '', i = ip, g = ARGV[10], r = ARGV[12]}
-  if refuse_login(now, email, ip, device, by, delay, ev) then recorded = '1' end
+if wait > 0 and ARGV[10] == '1' then
+  local ev = {t = ARGV[12], u = uid or '', e = email ~= '-' and email or '', i = ip, g = ARGV[11], r = ARGV[13]}
+  if refuse_login(now, email, addr, device, by, delay, ev) then recorded = '1' end
 end
 return {uid or '', user[1] or '', user[2] or '0', string.format('%.0f', wait), string.format('%.0f', delay), by,
         recorded}
 """
 
-# A login refused while throttled. ARGV: now, email, ip, ua, uid, by, delay_ms, type, reason, device
+# A login refused while throttled. ARGV: now, email, ip, ua, uid, by, delay_ms, type, reason, device,
+# the address as throttles count it
 REFUSE = r"""
-return refuse_login(tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[10], ARGV[6], tonumber(ARGV[7]),
+return refuse_login(tonumber(ARGV[1]), ARGV[2], ARGV[11], ARGV[10], ARGV[6], tonumber(ARGV[7]),
                     {t = ARGV[8], u = ARGV[5], e = ARGV[2], i = ARGV[3], g = ARGV[4], r = ARGV[9]}) and 1 or 0
 """
 
 # A failed login (or second-factor code). ARGV: now, email, ip, ua, reason, t_acct, t_addr, window_ms,
-# uid, device ('' none), budget. Both the account's (or, with a device cookie, the device's) and the
-# address's counts grow; crossing a threshold records one locked_out. Failures for ever new emails
-# without an account, from ever new addresses, never reach a threshold: past `budget` a minute (all
-# of them together) they are summarised, as a cheap door's are. Returns the account's (device's) count.
+# uid, device ('' none), budget, the address as throttles count it. Both the account's (or, with a
+# device cookie, the device's) and the address's counts grow; crossing a threshold records one
+# locked_out. Failures for ever new emails without an account, from ever new addresses, never reach
+# a threshold: past `budget` a minute (all of them together) they are summarised, as a cheap door's
+# are. Returns the account's (device's) count.
 FAIL = r"""
 local now, email, ip, ua, reason = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local t_acct, t_addr, window, uid, device = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], ARGV[10]
-local budget = tonumber(ARGV[11])
+local budget, addr = tonumber(ARGV[11]), ARGV[12]
 local own_key, own_kind = 'sa:f:a:' .. email, 'account'
 if device ~= '' then own_key, own_kind = 'sa:f:d:' .. device, 'device' end
 -- A failure against an account is always recorded as itself (the account's own throttle bounds
@@ -226,7 +215,7 @@ if device ~= '' then own_key, own_kind = 'sa:f:d:' .. device, 'device' end
 local ev = {t = 'login_failed', u = uid, e = email, i = ip, g = ua, r = reason}
 if uid ~= '' then emit(now, ev) else record_budgeted('login', now, budget, ev, 'throttled') end
 local an = throttle_fail(own_key, now, window)
-local inn = throttle_fail('sa:f:i:' .. address_of(ip), now, window)
+local inn = throttle_fail('sa:f:i:' .. addr, now, window)
 if an == t_acct then
   record_budgeted('lockout', now, budget, {t = 'locked_out', u = uid, e = email, i = ip, g = ua, r = own_kind})
 end
@@ -234,13 +223,14 @@ if inn == t_addr then record_budgeted('lockout', now, budget, {t = 'locked_out',
 return an
 """
 
-# A refused registration. ARGV: now, email (as typed), ip, ua, reason, t_addr, base, cap, window_ms, budget
+# A refused registration. ARGV: now, email (as typed), ip, ua, reason, t_addr, base, cap, window_ms, budget,
+# the address as throttles count it
 # Throttled addresses are refused (reason throttled, summarised); other refusals count against the
 # address. Returns the wait (ms) before this address may try again (0 when not throttled).
 REGISTER_FAILED = r"""
 local now, email, ip, ua, reason = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local t_addr, base, cap, window = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local key = 'sa:f:r:' .. address_of(ip)
+local key = 'sa:f:r:' .. ARGV[11]
 local wait, delay = throttle_wait(key, t_addr, base, cap, now)
 local ev = {t = 'register_failed', e = email, i = ip, g = ua, r = reason}
 if wait > 0 then
@@ -256,9 +246,10 @@ end
 return string.format('%.0f', wait)
 """
 
-# Is this address throttled for registrations? ARGV: now, ip, t_addr, base, cap. Returns the wait (ms).
+# Is this address throttled for registrations? ARGV: now, the address as throttles count it, t_addr,
+# base, cap. Returns the wait (ms).
 REGISTER_WAIT = r"""
-local wait = throttle_wait('sa:f:r:' .. address_of(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+local wait = throttle_wait('sa:f:r:' .. ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
                            tonumber(ARGV[1]))
 return string.format('%.0f', wait)
 """
@@ -322,7 +313,7 @@ class Throttle:
         record = ["1", refuse_as, events.LOGIN_FAILED, events.THROTTLED] if refuse_as is not None else ["0"]
         uid, pw_hash, disabled, wait_ms, delay_ms, by, recorded = await self.scripts.check(args=[
             self._now(), email, ip, device or "", s.login_account_threshold, s.login_address_threshold,
-            *self._backoff(), *record])
+            *self._backoff(), address_key(ip), *record])
         if recorded == b"1":
             self.count(events.LOGIN_FAILED, 1)
         return Attempt(uid=uid.decode() or None, password_hash=pw_hash.decode() or None,
@@ -334,7 +325,7 @@ class Throttle:
         """Record an attempt refused while throttled: its own event, or a count in the window's summary."""
         recorded = await self.scripts.refuse(args=[
             self._now(), email, ip, user_agent, attempt.uid or "", attempt.by, max(attempt.delay_ms, 1000),
-            kind, reason, device or ""])
+            kind, reason, device or "", address_key(ip)])
         if recorded:
             self.count(kind, 1)
 
@@ -344,7 +335,8 @@ class Throttle:
         s = self.settings
         failures = int(await self.scripts.fail(args=[
             self._now(), email, ip, user_agent, reason, s.login_account_threshold,
-            s.login_address_threshold, s.login_window * 1000, uid or "", device or "", s.door_budget]))
+            s.login_address_threshold, s.login_window * 1000, uid or "", device or "", s.door_budget,
+            address_key(ip)]))
         self.count("login_failed", 1)
         if failures == s.login_account_threshold:
             self.count("locked_out", 1)
@@ -355,7 +347,8 @@ class Throttle:
     async def register_wait(self, ip: str) -> int:
         """Seconds this address must wait before it may register (0: not throttled)."""
         s = self.settings
-        wait = await self.scripts.register_wait(args=[self._now(), ip, s.login_address_threshold, *self._backoff()])
+        wait = await self.scripts.register_wait(args=[self._now(), address_key(ip), s.login_address_threshold,
+                                                      *self._backoff()])
         return math.ceil(int(wait) / 1000)
 
     async def register_failed(self, email: str, ip: str, user_agent: str, reason: str) -> int:
@@ -364,7 +357,7 @@ class Throttle:
         s = self.settings
         wait = await self.scripts.register_failed(args=[
             self._now(), email[:254], ip, user_agent, reason, s.login_address_threshold, *self._backoff(),
-            s.login_window * 1000, s.door_budget])
+            s.login_window * 1000, s.door_budget, address_key(ip)])
         self.count(events.REGISTER_FAILED, 1)
         return math.ceil(int(wait) / 1000)
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import os
 import random
 import re
-import socket
 import time
 import unicodedata
 import urllib.parse
@@ -320,7 +318,7 @@ class BaseHandler(tornado.web.RequestHandler):
         IPv6 address is its IPv4 address), so that throttles and the trail see one address as one."""
         ip = self._client_ip
         if ip is None:
-            ip = self._client_ip = canonical_ip(self.request.remote_ip or "")
+            ip = self._client_ip = inputs.canonical_ip(self.request.remote_ip or "")
         return ip
 
     @property
@@ -448,22 +446,6 @@ def _xor(data: bytes, mask: bytes) -> bytes:
     """``data`` XOR the 4-byte ``mask`` repeated (Tornado's masking of XSRF tokens)."""
     repeated = (mask * (len(data) // 4 + 1))[:len(data)]
     return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(data), "big")
-
-
-@functools.lru_cache(maxsize=4096)
-def canonical_ip(ip: str) -> str:
-    """One spelling per address: IPv6 compressed and in lower case (without a zone), an IPv4-mapped
-    IPv6 address as its IPv4 address, IPv4 in dotted decimal whatever the spelling Tornado let in."""
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        try:
-            return socket.inet_ntoa(socket.inet_aton(ip))  # octal, hex or short IPv4 forms
-        except OSError:
-            return ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 MAX_NEXT = 2048  # characters of a local address to return to after a login or a form
