@@ -7,6 +7,7 @@ import dataclasses
 import http.cookies
 import sys
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,16 @@ async def read_events(rdb: aioredis.Redis) -> list[Event]:
 async def make_admin(rdb: aioredis.Redis, email: str) -> None:
     uid = await rdb.hget(keys.EMAILS, email)
     await rdb.hset(keys.USER + uid.decode(), "admin", "1")
+
+
+async def register_admin(b: Browser, rdb: aioredis.Redis, email: str) -> Browser:
+    """Register ``email`` in ``b`` (which is then signed in) and give the account admin rights."""
+    assert (await b.register(email)).code == 303
+    await make_admin(rdb, email)
+    return b
+
+
+async def admin_browser(new_browser: Callable[..., Browser], rdb: aioredis.Redis,
+                        email: str = "root@example.com") -> Browser:
+    """A new browser signed in as a new admin."""
+    return await register_admin(new_browser(), rdb, email)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import PASSWORD, UA_FIREFOX, UA_IPHONE, Browser, make_admin, read_events, serving
+from conftest import PASSWORD, UA_FIREFOX, UA_IPHONE, Browser, read_events, register_admin, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 
@@ -112,8 +112,7 @@ async def test_password_change_ends_the_others_and_keeps_this_browser(browser: B
 
 async def test_admin_ends_one_and_all_sessions_of_a_user(browser: Browser, new_browser, rdb) -> None:
     admin = new_browser()
-    await admin.register("boss@example.com")
-    await make_admin(rdb, "boss@example.com")
+    await register_admin(admin, rdb, "boss@example.com")
     await browser.register("emp@example.com")
     phone = new_browser(UA_IPHONE)
     await phone.login("emp@example.com")
@@ -140,8 +139,7 @@ async def test_admin_ends_one_and_all_sessions_of_a_user(browser: Browser, new_b
 
 async def test_disabling_an_account_ends_its_sessions_and_blocks_login(browser: Browser, new_browser, rdb) -> None:
     admin = new_browser()
-    await admin.register("boss2@example.com")
-    await make_admin(rdb, "boss2@example.com")
+    await register_admin(admin, rdb, "boss2@example.com")
     await browser.register("gone@example.com")
     uid = (await rdb.hget(keys.EMAILS, "gone@example.com")).decode()
     assert (await admin.post(f"/admin/users/{uid}/disable")).code == 303
@@ -156,8 +154,7 @@ async def test_disabling_an_account_ends_its_sessions_and_blocks_login(browser: 
 
 async def test_admin_can_grant_and_remove_admin_rights_but_not_their_own(new_browser, rdb) -> None:
     admin = new_browser()
-    await admin.register("boss3@example.com")
-    await make_admin(rdb, "boss3@example.com")
+    await register_admin(admin, rdb, "boss3@example.com")
     user = new_browser()
     await user.register("helper@example.com")
     assert (await user.get("/admin/audit")).code == 403

@@ -9,20 +9,13 @@ import re
 
 import pytest
 
-from conftest import Browser, make_admin, read_events
+from conftest import Browser, admin_browser, read_events
 from sessionaudit import keys
 from sessionaudit.audit import AuditLog, Query
 
 pytestmark = pytest.mark.gen_test
 
 XSS_UA = 'Mozilla/5.0 <script>alert("ua")</script><img src=x onerror=alert(1)>'
-
-
-async def admin_browser(new_browser, rdb, email: str = "root@example.com") -> Browser:
-    b = new_browser()
-    await b.register(email)
-    await make_admin(rdb, email)
-    return b
 
 
 async def test_every_event_type_with_its_fields(browser: Browser, new_browser, rdb, app, clock, settings) -> None:

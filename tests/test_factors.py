@@ -10,7 +10,7 @@ import pyotp
 import pytest
 import tornado.web
 
-from conftest import PASSWORD, Browser, make_admin, read_events, serving
+from conftest import PASSWORD, Browser, make_admin, read_events, register_admin, serving
 from sessionaudit import events, keys
 from sessionaudit.app import make_app
 
@@ -295,8 +295,7 @@ async def test_turning_it_off_needs_the_password_and_a_code(browser: Browser, rd
 async def test_an_admin_resets_a_users_factors(browser: Browser, new_browser, rdb, clock) -> None:
     await enable(browser, clock, "lost@example.com")
     admin = new_browser()
-    await admin.register("boss@example.com")
-    await make_admin(rdb, "boss@example.com")
+    await register_admin(admin, rdb, "boss@example.com")
     page = (await admin.get("/admin/users/1")).body.decode()
     assert "Second factors" in page and "10 recovery code(s) left" in page
     assert (await browser.post("/admin/users/1/mfa/reset")).code == 403  # not for the user themselves

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import PASSWORD, Browser, make_admin, read_events, serving
+from conftest import PASSWORD, Browser, read_events, register_admin, serving
 from sessionaudit import keys, throttle
 from sessionaudit.app import make_app
 from sessionaudit.audit import AuditLog
@@ -64,8 +64,7 @@ async def test_a_throttled_flood_with_new_user_agents_costs_bounded_memory(http_
 
     # Every attempt still counts on the dashboard.
     admin = new_browser()
-    await admin.register("admin@example.com")
-    await make_admin(rdb, "admin@example.com")
+    await register_admin(admin, rdb, "admin@example.com")
     page = (await admin.get("/admin")).body.decode()
     failures = 2 * settings.login_account_threshold + 50 + 1000  # the warm-up's too
     assert f'id="stat-failures">{failures}<' in page
@@ -150,8 +149,7 @@ async def test_failed_logins_from_ever_new_emails_and_addresses_are_bounded_per_
         assert failed[-1].user == "guess299@example.com" and failed[-1].reason == "throttled"
         assert [e.reason for e in failed] == ["bad_credentials"] * 20 + ["throttled"] * 2
         admin = Browser(http_client, base)
-        await admin.register("root@example.com")
-        await make_admin(rdb, "root@example.com")
+        await register_admin(admin, rdb, "root@example.com")
         dashboard = (await admin.get("/admin")).body.decode()
         assert re.search(r'id="stat-failures">303<', dashboard), "the dashboard counts every failure"
 

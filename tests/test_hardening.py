@@ -23,19 +23,12 @@ import urllib.parse
 import pytest
 from prometheus_client import generate_latest
 
-from conftest import PASSWORD, Browser, make_admin, read_events, serving
+from conftest import PASSWORD, Browser, admin_browser, read_events, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 from sessionaudit.handlers.auth import LoginHandler
 
 pytestmark = pytest.mark.gen_test(timeout=60)
-
-
-async def admin_browser(new_browser, rdb, email: str = "root@example.com") -> Browser:
-    b = new_browser()
-    await b.register(email)
-    await make_admin(rdb, email)
-    return b
 
 
 # -- 2. any method name became a metric label ---------------------------------------------------

@@ -11,7 +11,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import Browser, make_admin, read_events, serving
+from conftest import Browser, admin_browser, read_events, register_admin, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 
@@ -89,15 +89,8 @@ class SSE:
         self.writer.close()
 
 
-async def admin_of(new_browser, rdb, email: str = "watch@example.com") -> Browser:
-    b = new_browser()
-    await b.register(email)
-    await make_admin(rdb, email)
-    return b
-
-
 async def test_follower_sees_login_and_logout_as_they_happen(new_browser, rdb, base_url, app) -> None:
-    admin = await admin_of(new_browser, rdb)
+    admin = await admin_browser(new_browser, rdb, "watch@example.com")
     stream = await SSE.open(base_url, admin)
     assert stream.status == 200
     other = new_browser()
@@ -113,7 +106,7 @@ async def test_follower_sees_login_and_logout_as_they_happen(new_browser, rdb, b
 
 
 async def test_filters_are_honoured(new_browser, rdb, base_url) -> None:
-    admin = await admin_of(new_browser, rdb)
+    admin = await admin_browser(new_browser, rdb, "watch@example.com")
     stream = await SSE.open(base_url, admin, "/admin/audit/live?type=logout&user=b%40example.com")
     for email in ("a@example.com", "b@example.com"):
         b = new_browser()
@@ -125,7 +118,7 @@ async def test_filters_are_honoured(new_browser, rdb, base_url) -> None:
 
 
 async def test_last_event_id_resumes_with_nothing_missed(new_browser, rdb, base_url) -> None:
-    admin = await admin_of(new_browser, rdb)
+    admin = await admin_browser(new_browser, rdb, "watch@example.com")
     first = await SSE.open(base_url, admin)
     user = new_browser()
     await user.register("resume@example.com")
@@ -148,8 +141,7 @@ async def test_heartbeat_closed_tab_cap_and_one_reader(http_client, rdb, clock, 
     app = make_app(settings, rdb, clock)
     async with serving(app) as base:
         admin = Browser(http_client, base)
-        await admin.register("hb@example.com")
-        await make_admin(rdb, "hb@example.com")
+        await register_admin(admin, rdb, "hb@example.com")
         one = await SSE.open(base, admin)
         two = await SSE.open(base, admin)
         third = await SSE.open(base, admin)
@@ -183,7 +175,7 @@ async def test_live_is_admin_only(browser: Browser, base_url) -> None:
 
 
 async def test_dashboard_counts_and_charts(new_browser, rdb, clock) -> None:
-    admin = await admin_of(new_browser, rdb, "dash@example.com")
+    admin = await admin_browser(new_browser, rdb, "dash@example.com")
     user = new_browser()
     await user.register("d1@example.com")
     await user.logout()
@@ -206,7 +198,7 @@ async def test_dashboard_counts_and_charts(new_browser, rdb, clock) -> None:
 
 
 async def test_user_timeline_draws_session_bars(new_browser, rdb, clock) -> None:
-    admin = await admin_of(new_browser, rdb, "bars@example.com")
+    admin = await admin_browser(new_browser, rdb, "bars@example.com")
     user = new_browser()
     await user.register("b1@example.com")
     clock.advance(60)
@@ -223,8 +215,7 @@ async def test_stream_stops_when_the_followers_session_ends(http_client, rdb, cl
     app = make_app(settings, rdb, clock)
     async with serving(app) as base:
         admin = Browser(http_client, base)
-        await admin.register("end@example.com")
-        await make_admin(rdb, "end@example.com")
+        await register_admin(admin, rdb, "end@example.com")
         stream = await SSE.open(base, admin)
         assert stream.status == 200
         laptop = Browser(http_client, base)
@@ -244,11 +235,9 @@ async def test_a_removed_admin_is_cut_off_however_busy_the_trail(http_client, rd
     app = make_app(settings, rdb, clock)
     async with serving(app) as base:
         admin = Browser(http_client, base)
-        await admin.register("demoted@example.com")
-        await make_admin(rdb, "demoted@example.com")
+        await register_admin(admin, rdb, "demoted@example.com")
         boss = Browser(http_client, base)
-        await boss.register("boss@example.com")
-        await make_admin(rdb, "boss@example.com")
+        await register_admin(boss, rdb, "boss@example.com")
         stream = await SSE.open(base, admin)
         assert stream.status == 200
         assert (await boss.post("/admin/users/1/unadmin")).code == 303
@@ -287,8 +276,7 @@ end
 return 1""")
     async with serving(app) as base:
         admin = Browser(http_client, base)
-        await admin.register("reader@example.com")
-        await make_admin(rdb, "reader@example.com")
+        await register_admin(admin, rdb, "reader@example.com")
         first = (await read_events(rdb))[0].id
         await flood([int(clock() * 1000), 20_000, "Mozilla/5.0 " + "x" * 500])  # about 15 MB of messages
         await rdb.config_resetstat()

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import UA_FIREFOX, UA_IPHONE, Browser, make_admin, read_events, serving
+from conftest import UA_FIREFOX, UA_IPHONE, Browser, read_events, register_admin, serving
 from process import run
 from sessionaudit.app import make_app
 
@@ -166,8 +166,7 @@ async def test_huge_and_odd_user_agents_are_bounded_and_escaped(proxied_site, ht
     _, server = proxied_site()
     async with server as base:
         b = Proxied(http_client, base)
-        await b.register("odd@example.com")
-        await make_admin(rdb, "odd@example.com")
+        await register_admin(b, rdb, "odd@example.com")
         b.user_agent = "<script>alert(1)</script>" + "A" * 10_000
         assert (await b.get("/account")).code == 200
         [move] = await moves(rdb)
@@ -191,8 +190,7 @@ async def test_people_and_admins_see_the_moves(proxied_site, http_client, rdb) -
         account = (await owner.get("/account")).body.decode()
         assert account.count("Used from a new address since sign-in") == 1
         admin = Proxied(http_client, base)
-        await admin.register("boss@example.com")
-        await make_admin(rdb, "boss@example.com")
+        await register_admin(admin, rdb, "boss@example.com")
         dashboard = (await admin.get("/admin")).body.decode()
         assert re.search(r'id="stat-moved">1<', dashboard)
         [move] = await moves(rdb)

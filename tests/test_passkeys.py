@@ -11,7 +11,7 @@ import pyotp
 import pytest
 from softkey import SoftPasskey
 
-from conftest import PASSWORD, UA_IPHONE, Browser, make_admin, read_events, test_settings
+from conftest import PASSWORD, UA_IPHONE, Browser, read_events, register_admin, test_settings
 from sessionaudit import events, keys
 
 pytestmark = pytest.mark.gen_test
@@ -208,8 +208,7 @@ async def test_an_admin_reset_removes_passkeys(browser: Browser, new_browser, rd
     await browser.register("ar@example.com")
     key = await add_passkey(browser, "Phone")
     admin = new_browser()
-    await admin.register("root@example.com")
-    await make_admin(rdb, "root@example.com")
+    await register_admin(admin, rdb, "root@example.com")
     page = (await admin.get("/admin/users/1")).body.decode()
     assert "Phone: added" in page
     assert (await admin.post("/admin/users/1/mfa/reset")).code == 303

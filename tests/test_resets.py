@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASSWORD, Browser, make_admin, read_events
+from conftest import PASSWORD, Browser, read_events, register_admin
 from sessionaudit import events, keys, resets, throttle
 
 pytestmark = pytest.mark.gen_test
@@ -246,8 +246,7 @@ async def test_a_flood_of_requests_records_a_bounded_number_of_events(rdb, setti
 
 async def test_an_admin_sends_a_reset(new_browser, rdb, app, settings) -> None:
     admin = new_browser()
-    await admin.register("boss@example.com")
-    await make_admin(rdb, "boss@example.com")
+    await register_admin(admin, rdb, "boss@example.com")
     user = new_browser()
     await user.register("eve@example.com")
     page = await admin.get("/admin/users/2")

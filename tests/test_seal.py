@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import Browser, make_admin, read_events, serving, test_settings
+from conftest import Browser, read_events, register_admin, serving, test_settings
 from sessionaudit import keys, seal
 from sessionaudit.app import make_app
 from sessionaudit.audit import AuditLog
@@ -362,8 +362,7 @@ def test_the_outside_copy_is_shared_and_never_goes_back(tmp_path: Path) -> None:
 
 async def test_exports_with_seals_verify_offline_and_name_what_changed(app, rdb, clock, new_browser) -> None:
     admin = new_browser()
-    await admin.register("root@example.com")
-    await make_admin(rdb, "root@example.com")
+    await register_admin(admin, rdb, "root@example.com")
     assert await app.ctx.seals.seal_once() == 2  # its register and login
     await sealed_trail(app, clock)
     plain = await admin.get("/admin/audit.ndjson")
@@ -403,8 +402,7 @@ async def test_exports_with_seals_verify_offline_and_name_what_changed(app, rdb,
 async def test_admin_pages_show_the_verification_and_a_warning_naming_the_first_bad_event(
         app, rdb, clock, new_browser, caplog) -> None:
     admin = new_browser()
-    await admin.register("root@example.com")
-    await make_admin(rdb, "root@example.com")
+    await register_admin(admin, rdb, "root@example.com")
     page = await admin.get("/admin/audit")
     assert b"does not verify the audit trail" in page.body  # honest: the verifier has not run here
     assert await app.ctx.seals.seal_once() == 2

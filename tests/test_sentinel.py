@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 import tornado.web
 
-from conftest import PASSWORD, Browser, FakeClock, make_admin, read_events, scripts_run, serving, test_settings
+from conftest import PASSWORD, Browser, FakeClock, read_events, register_admin, scripts_run, serving, test_settings
 from process import Site, run, status, wait_until
 from redis_ha import MASTER, Cluster, HAUnavailable, make_certificates
 from sessionaudit import events, keys, redisconn
@@ -48,6 +48,13 @@ def cluster(tmp_path: Path) -> Any:
 
 def ha_settings(cluster: Cluster, **overrides: Any) -> Settings:
     return test_settings(redis_sentinel=cluster.sentinel_option, redis_sentinel_master=MASTER, **overrides)
+
+
+def ha_app(cluster: Cluster, clock: FakeClock, **overrides: Any) -> tuple[aioredis.Redis, tornado.web.Application]:
+    """The site's Sentinel-managed client (the caller closes it) and the app on it (settings in app.ctx)."""
+    settings = ha_settings(cluster, **overrides)
+    client = redisconn.connect(settings)
+    return client, make_app(settings, client, clock)
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], within: float = 30.0, what: str = "it") -> Any:
@@ -80,15 +87,13 @@ def ends_by_session(found: list[events.Event]) -> Counter[str]:
 
 async def test_pages_answer_503_during_a_failover_and_recover_without_a_restart(cluster, http_client) -> None:
     clock = FakeClock()
-    settings = ha_settings(cluster, redis_wait_replicas=1, redis_wait_timeout=1.0)
-    client = redisconn.connect(settings)
-    app = make_app(settings, client, clock)
+    client, app = ha_app(cluster, clock, redis_wait_replicas=1, redis_wait_timeout=1.0)
+    settings = app.ctx.settings
     sweeper = Sweeper(app.ctx.sessions, app.ctx.audit, clock, interval=0.05)
     try:
         async with serving(app) as base:
             admin, user = Browser(http_client, base), Browser(http_client, base)
-            assert (await admin.register("admin@example.com")).code == 303
-            await make_admin(client, "admin@example.com")
+            await register_admin(admin, client, "admin@example.com")
             follower = await SSE.open(base, admin)
             assert (await user.register("user@example.com")).code == 303
             before = [(await follower.message())[0] for _ in range(2)]  # its register and login
@@ -172,9 +177,8 @@ async def test_pages_answer_503_during_a_failover_and_recover_without_a_restart(
 
 async def test_nothing_acknowledged_is_lost_and_each_event_is_recorded_once(cluster, http_client) -> None:
     clock = FakeClock()
-    settings = ha_settings(cluster, redis_wait_replicas=1, redis_wait_timeout=1.0)
-    client = redisconn.connect(settings)
-    app = make_app(settings, client, clock)
+    client, app = ha_app(cluster, clock, redis_wait_replicas=1, redis_wait_timeout=1.0)
+    settings = app.ctx.settings
     sweeper = Sweeper(app.ctx.sessions, app.ctx.audit, clock, interval=0.02)
 
     def ref(cookie: str) -> str:
@@ -245,14 +249,11 @@ async def test_nothing_acknowledged_is_lost_and_each_event_is_recorded_once(clus
 async def test_a_new_primary_that_lost_the_last_events_never_reuses_their_ids(cluster, http_client) -> None:
     """Without --redis-wait-replicas an answered login can be lost; the ids after it still only grow."""
     clock = FakeClock()  # frozen: the new primary's ids cannot move past the lost ones by the clock alone
-    settings = ha_settings(cluster)
-    client = redisconn.connect(settings)
-    app = make_app(settings, client, clock)
+    client, app = ha_app(cluster, clock)
     try:
         async with serving(app) as base:
             admin = Browser(http_client, base)
-            assert (await admin.register("admin@example.com")).code == 303
-            await make_admin(client, "admin@example.com")
+            await register_admin(admin, client, "admin@example.com")
             follower = await SSE.open(base, admin)
             cluster.cut_replication()
             lost = Browser(http_client, base)
@@ -286,16 +287,13 @@ async def test_a_planned_failover_is_followed_by_every_connection(cluster, http_
     turn it into a replica up to 10 s later. The site's connections move off it at once, the live
     reader's blocked XREAD too, so nothing is written where it would be lost."""
     clock = FakeClock()
-    settings = ha_settings(cluster, redis_wait_replicas=1, redis_wait_timeout=1.0)
-    client = redisconn.connect(settings)
-    app = make_app(settings, client, clock)
+    client, app = ha_app(cluster, clock, redis_wait_replicas=1, redis_wait_timeout=1.0)
     watch = redisconn.PrimaryWatch(client, interval=0.2)
     watch.start()
     try:
         async with serving(app) as base:
             admin, user = Browser(http_client, base), Browser(http_client, base)
-            assert (await admin.register("admin@example.com")).code == 303
-            await make_admin(client, "admin@example.com")
+            await register_admin(admin, client, "admin@example.com")
             follower = await SSE.open(base, admin)
             assert (await user.register("user@example.com")).code == 303
             assert [(await follower.message())[1]["type"] for _ in range(2)] == ["register", "login"]
@@ -330,9 +328,7 @@ async def test_a_planned_failover_is_followed_by_every_connection(cluster, http_
 
 async def test_state_changes_wait_for_replicas_and_page_views_do_not(cluster, http_client) -> None:
     clock = FakeClock()
-    settings = ha_settings(cluster, redis_wait_replicas=1, redis_wait_timeout=1.0)
-    client = redisconn.connect(settings)
-    app = make_app(settings, client, clock)
+    client, app = ha_app(cluster, clock, redis_wait_replicas=1, redis_wait_timeout=1.0)
     try:
         async with serving(app) as base:
             b = Browser(http_client, base)
