@@ -23,10 +23,11 @@ import urllib.parse
 import pytest
 from prometheus_client import generate_latest
 
-from conftest import PASSWORD, Browser, admin_browser, read_events, serving
+from conftest import PASSWORD, Browser, admin_browser, read_events, register_admin, serving
 from sessionaudit import keys
 from sessionaudit.app import make_app
 from sessionaudit.handlers.auth import LoginHandler
+from test_live import SSE, append_failed_logins
 
 pytestmark = pytest.mark.gen_test(timeout=60)
 
@@ -323,3 +324,26 @@ async def test_a_body_cut_off_leaves_nothing_in_flight(http_server, base_url, ap
             break
         await asyncio.sleep(0.01)
     assert not [o for o in gc.get_objects() if isinstance(o, LoginHandler)]
+
+
+# -- found while re-checking 5: a download nobody reads -------------------------------------------
+
+async def test_an_export_nobody_reads_is_let_go_after_the_write_timeout(http_client, rdb, clock, settings) -> None:
+    """A download that stalls (a suspended laptop, a script that stopped reading) kept its handler in
+    flight for ever, so the site counted itself busy (refusals slowed, background checks at a
+    twentieth of a core, shutdown waited): it is let go like a live follower that takes nothing."""
+    app = make_app(dataclasses.replace(settings, write_timeout=1.0), rdb, clock)
+    await append_failed_logins(rdb, clock, 20_000, "Mozilla/5.0 " + "x" * 500)  # about 12 MB exported
+    async with serving(app) as base:
+        admin = await register_admin(Browser(http_client, base), rdb, "root@example.com")
+        download = await SSE.open(base, admin, "/admin/audit.ndjson", receive_buffer=4096)
+        assert download.status == 200
+        for _ in range(100):
+            if app.ctx.in_flight == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert app.ctx.in_flight == 0, "a download that takes nothing is still in flight"
+        download.close()
+        # A reader that does take it gets the whole export.
+        response = await admin.get("/admin/audit.ndjson")
+        assert response.code == 200 and response.body.count(b'"type":"login_failed"') == 20_000

@@ -101,7 +101,7 @@ class Settings:
     door_budget: int = field(default=600, metadata={"cli": False})  # events a minute a cheap door records one by one
     refusal_delay: float = field(default=0.25, metadata={"cli": False})  # s a refused attempt waits when busy
     live_recheck: float = field(default=10.0, metadata={"cli": False})  # seconds between checks of followers' rights
-    live_write_timeout: float = field(default=30.0, metadata={"cli": False})  # a follower that reads nothing this long
+    write_timeout: float = field(default=30.0, metadata={"cli": False})  # s a reader may take nothing, then let go
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for a value that cannot work."""

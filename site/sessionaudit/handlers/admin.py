@@ -77,9 +77,10 @@ class AuditExportHandler(AdminHandler):
             else:
                 async for chunk in self.ctx.audit.export(q, EXPORT_CHUNK):
                     self.write(self._format(chunk))
-                    await self.flush()
-        except tornado.iostream.StreamClosedError:
-            return  # the client went away: stop reading Redis
+                    await self.flush_taken()
+        except (tornado.iostream.StreamClosedError, TimeoutError):
+            self.request.connection.close()  # gone, or not reading: stop reading Redis for it
+            return
         self.finish()
 
     async def _export_with_seals(self, q: Query) -> None:
@@ -96,7 +97,7 @@ class AuditExportHandler(AdminHandler):
         rows = self.ctx.audit.export(dataclasses.replace(q, before=before, after=None), EXPORT_CHUNK)
         async for chunk in seal.with_seals(self.ctx.redis, rows, newest, complete=not filters):
             self.write(self._format(chunk))
-            await self.flush()
+            await self.flush_taken()
 
     def _format(self, chunk: list[dict[str, object]]) -> bytes | str:
         if self.fmt == "ndjson":  # orjson: a tenth of the time of the json module, the export's hot spot
@@ -155,14 +156,14 @@ class AuditLiveHandler(AdminHandler):
             snapshot = hub.last_id  # events after it reach the queue; up to it, the replay sends them
             last = resume or None
             self.write("retry: 2000\n: following the audit trail\n\n")
-            await self._send()
+            await self.flush_taken()
             if resume:
                 async for chunk in replay(self.ctx.redis, resume, q, snapshot):
                     if follower.stopped:
                         break
                     self.write("".join([_sse(event) for event in chunk]))
                     last = chunk[-1].id
-                    await self._send()
+                    await self.flush_taken()
             heartbeat = self.ctx.settings.live_heartbeat
             ended = follower.stopped and follower.queue.empty()
             while not ended:
@@ -170,7 +171,7 @@ class AuditLiveHandler(AdminHandler):
                     batch = [await asyncio.wait_for(follower.queue.get(), heartbeat)]
                 except TimeoutError:  # following does not count as activity: no session refresh
                     self.write(": heartbeat\n\n")
-                    await self._send()
+                    await self.flush_taken()
                     continue
                 while not follower.queue.empty():  # everything queued goes out in one flush
                     batch.append(follower.queue.get_nowait())
@@ -181,16 +182,12 @@ class AuditLiveHandler(AdminHandler):
                     if last is None or _id_key(event.id) > _id_key(last):
                         self.write(_sse(event))
                         last = event.id
-                await self._send()
+                await self.flush_taken()
             self.finish()
         except (tornado.iostream.StreamClosedError, TimeoutError):
             self.request.connection.close()  # gone, or not reading: nothing more is kept for it
         finally:
             hub.detach(follower)
-
-    async def _send(self) -> None:
-        """Flush, and wait until the client has taken it (at most ``live_write_timeout`` seconds)."""
-        await asyncio.wait_for(self.flush(), self.ctx.settings.live_write_timeout)
 
     def on_connection_close(self) -> None:
         if self.follower:

@@ -238,6 +238,12 @@ class BaseHandler(tornado.web.RequestHandler):
         self._chunks = []
         self._count_out()
 
+    async def flush_taken(self) -> None:
+        """Flush, and wait until the client has taken it. A client that takes nothing for
+        ``write_timeout`` seconds (a live follower or a download that stalled) raises TimeoutError, so
+        that it is let go rather than kept in flight for ever."""
+        await asyncio.wait_for(self.flush(), self.ctx.settings.write_timeout)
+
     def _count_out(self) -> None:
         """The request is no longer in flight (once, whichever of the two comes first)."""
         if self._in_flight:
