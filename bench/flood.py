@@ -38,17 +38,16 @@ from common import (
     Response,
     Site,
     browser_cookie,
-    cpu_seconds,
     log,
     login,
     median,
     ratio,
     request,
     site_env,
-    thread_cpu_seconds,
     wait_quiet,
     xsrf_token,
 )
+from load import paced_rounds
 
 from sessionaudit import events, keys
 from sessionaudit.config import Settings
@@ -196,55 +195,20 @@ class Flood:
         log(f"flood: /account paced at {rate} req/s (capacity {capacity:.0f} req/s), calm and during a flood "
             f"of refused logins on {conns} connections; pushing the account to its longest backoff let "
             f"{push['statuses'].get('401', 0)} attempts have their password checked")
-        calm_runs: list[dict[str, Any]] = []
-        flood_runs: list[dict[str, Any]] = []
-        floods: list[dict[str, Any]] = []
-        ratios: list[float | None] = []
-        for r in range(b.opts.rounds):
-            if r and not b.afford("flood", 2 * dur + 6, f"flood round {r + 1}"):
-                break
-            pair: dict[str, dict[str, Any]] = {}
-            for kind in (("calm", "flood") if r % 2 == 0 else ("flood", "calm")):
-                wait_quiet(site.pid)
-                proc = None
-                if kind == "flood":
-                    proc = b.load.start_flood(site.port, LOAD_EMAIL, WRONG, conns, dur + 2)
-                    time.sleep(1.0)
-                main0, cpu0, w0 = thread_cpu_seconds(site.pid, site.pid), cpu_seconds(site.pid), time.perf_counter()
-                pair[kind] = b.load.paced(site.port, "/account", rate, dur, headers=headers)
-                wall = time.perf_counter() - w0
-                # The IOLoop (main) thread's share of a core, and the whole process's.
-                pair[kind]["ioloop_cpu_util"] = (thread_cpu_seconds(site.pid, site.pid) - main0) / wall
-                pair[kind]["site_cpu_util"] = (cpu_seconds(site.pid) - cpu0) / wall
-                if proc is not None:
-                    floods.append(b.load.finish_storm(proc, timeout=dur + 60, what="login flood"))
-            calm_runs.append(pair["calm"])
-            flood_runs.append(pair["flood"])
-            ratios.append(ratio(pair["flood"]["p99_ms"], pair["calm"]["p99_ms"]))
-            f = floods[-1]
-            log(f"flood: round {r + 1}: /account p99 calm {pair['calm']['p99_ms']:.1f} ms, flood "
-                f"{pair['flood']['p99_ms']:.1f} ms (p50 {pair['calm']['p50_ms']:.1f} / {pair['flood']['p50_ms']:.1f} "
-                f"ms; site {pair['calm']['site_cpu_util']:.0%} / {pair['flood']['site_cpu_util']:.0%} of its core); "
-                f"flood {f['rps']:,.0f} attempts/s {f['statuses']}")
-            for res in (pair["calm"], pair["flood"]):
-                if res["bad_status"] or res["errors"]:
-                    log(f"flood: WARNING {res['bad_status']} unexpected statuses, {res['errors']} errors")
+
+        def note(calm: dict[str, Any], flood: dict[str, Any], f: dict[str, Any]) -> str:
+            return (f"site {calm['site_cpu_util']:.0%} / {flood['site_cpu_util']:.0%} of its core); "
+                    f"flood {f['rps']:,.0f} attempts/s {f['statuses']}")
+
+        rounds, floods = paced_rounds(
+            b, "flood", site, rate, dur, headers, what="login flood", note=note, site_cpu=True,
+            start=lambda: b.load.start_flood(site.port, LOAD_EMAIL, WRONG, conns, dur + 2))
         return {
             "rate": rate, "account_capacity_rps": capacity, "duration": dur, "flood_conns": conns,
-            "push_to_cap": push, "checked_at_window_end": push["statuses"].get("401", 0),
-            "calm": calm_runs, "flood": flood_runs, "floods": floods, "per_round_ratio": ratios,
-            "p99_calm_ms": median(x["p99_ms"] for x in calm_runs),
-            "p99_flood_ms": median(x["p99_ms"] for x in flood_runs),
-            "p50_calm_ms": median(x["p50_ms"] for x in calm_runs),
-            "p50_flood_ms": median(x["p50_ms"] for x in flood_runs),
-            "ioloop_cpu_util_calm": median(x["ioloop_cpu_util"] for x in calm_runs),
-            "ioloop_cpu_util_flood": median(x["ioloop_cpu_util"] for x in flood_runs),
-            "site_cpu_util_calm": median(x["site_cpu_util"] for x in calm_runs),
-            "site_cpu_util_flood": median(x["site_cpu_util"] for x in flood_runs),
-            "p99_ratio": median(ratios),
+            "push_to_cap": push, "checked_at_window_end": push["statuses"].get("401", 0), **rounds, "floods": floods,
             "flood_rate": median(x["rps"] for x in floods),
             "flood_not_refused": sum(x["bad_status"] + x["errors"] for x in floods),
-            "page_failures": sum(x["bad_status"] + x["errors"] for x in calm_runs + flood_runs),
+            "page_failures": sum(x["bad_status"] + x["errors"] for x in rounds["calm"] + rounds["flood"]),
         }
 
     # -- the user-agent dictionaries after a retention trim ------------------------------------

@@ -3,6 +3,7 @@
 Paced (open-loop) runs, login storms and floods always use loadgen.py: wrk has no fixed-rate mode
 and sends the same request every time.
 Every run is bounded in time, and the server's CPU time is read from /proc around it.
+``paced_rounds``: /account paced, calm and during a storm or flood, in interleaved rounds (rows 3, 9).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from typing import Any
 
-from common import BENCH, PY, UA, Children, cpu_seconds
+from common import BENCH, PY, UA, Children, Site, cpu_seconds, log, median, ratio, thread_cpu_seconds, wait_quiet
 
 LOADGEN = str(BENCH / "loadgen.py")
 WRK_SCRIPT = str(BENCH / "wrk_report.lua")
@@ -129,3 +132,63 @@ class Load:
         result = json.loads(lines[-1])
         result["tool"] = "loadgen"
         return result
+
+
+def paced_rounds(b: Any, name: str, site: Site, rate: float, dur: int, headers: dict[str, str],
+                 start: Callable[[], subprocess.Popen[str]], what: str,
+                 note: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], str],
+                 site_cpu: bool = False, cpu_until_report: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """/account paced at ``rate`` for ``dur`` s, calm and while a disturbance runs (``start``: a
+    login storm or flood, given a second to get going; its report read by ``finish_storm``), one
+    pair a round, calm first in even rounds; ``name`` is the phase of ``b.afford``, the prefix of
+    the log lines and the label of the disturbed runs. Each run also gets ``ioloop_cpu_util``, the
+    IOLoop (main) thread's share of a core, and with ``site_cpu`` ``site_cpu_util``, the whole
+    process's; with ``cpu_until_report`` a disturbed run's share is taken over the paced run and the
+    wait for the disturbance's report (as row 3 has always taken it), else over the paced run alone.
+    ``note(calm, disturbed, report)`` ends each round's log line.
+
+    Returns the runs and their medians, ``calm``, ``<name>``, ``per_round_ratio`` (p99 disturbed /
+    calm), ``p99_ratio``, ``p99_calm_ms``, ``p99_<name>_ms``, ``p50_calm_ms``, ``p50_<name>_ms``,
+    ``ioloop_cpu_util_calm``, ``ioloop_cpu_util_<name>`` (and ``site_cpu_util_…``); and the
+    disturbance's reports, one a round.
+    """
+    calm_runs: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []
+    ratios: list[float | None] = []
+    for r in range(b.opts.rounds):
+        if r and not b.afford(name, 2 * dur + 6, f"{name} round {r + 1}"):
+            break
+        pair: dict[str, dict[str, Any]] = {}
+        for kind in (("calm", name) if r % 2 == 0 else (name, "calm")):
+            wait_quiet(site.pid)  # no work left over from a disturbance (queued password hashes)
+            proc = None
+            if kind != "calm":
+                proc = start()
+                time.sleep(1.0)  # every client busy before we measure
+            main0, cpu0, w0 = (thread_cpu_seconds(site.pid, site.pid), cpu_seconds(site.pid) if site_cpu else 0.0,
+                               time.perf_counter())
+            res = pair[kind] = b.load.paced(site.port, "/account", rate, dur, headers=headers)
+            if proc is not None and cpu_until_report:
+                reports.append(b.load.finish_storm(proc, timeout=dur + 60, what=what))
+            wall = time.perf_counter() - w0
+            res["ioloop_cpu_util"] = (thread_cpu_seconds(site.pid, site.pid) - main0) / wall
+            if site_cpu:
+                res["site_cpu_util"] = (cpu_seconds(site.pid) - cpu0) / wall
+            if proc is not None and not cpu_until_report:
+                reports.append(b.load.finish_storm(proc, timeout=dur + 60, what=what))
+        calm, dist = pair["calm"], pair[name]
+        calm_runs.append(calm)
+        runs.append(dist)
+        ratios.append(ratio(dist["p99_ms"], calm["p99_ms"]))
+        log(f"{name}: round {r + 1}: /account p99 calm {calm['p99_ms']:.1f} ms, {name} {dist['p99_ms']:.1f} ms "
+            f"(p50 {calm['p50_ms']:.1f} / {dist['p50_ms']:.1f} ms; {note(calm, dist, reports[-1])}")
+        for res in (calm, dist):
+            if res["bad_status"] or res["errors"]:
+                log(f"{name}: WARNING {res['bad_status']} unexpected statuses, {res['errors']} errors")
+    out: dict[str, Any] = {"calm": calm_runs, name: runs, "per_round_ratio": ratios, "p99_ratio": median(ratios)}
+    for field in ("p99_ms", "p50_ms", "ioloop_cpu_util", *(["site_cpu_util"] if site_cpu else [])):
+        stem, ms, _ = field.partition("_ms")  # p99_ms -> p99_calm_ms; ioloop_cpu_util -> ioloop_cpu_util_calm
+        out[f"{stem}_calm{ms}"] = median(x[field] for x in calm_runs)
+        out[f"{stem}_{name}{ms}"] = median(x[field] for x in runs)
+    return out, reports

@@ -29,11 +29,11 @@ from common import (
     percentile,
     ratio,
     request,
-    thread_cpu_seconds,
     wait_http,
     wait_quiet,
     xsrf_token,
 )
+from load import paced_rounds
 
 from sessionaudit.redis_server import free_port
 
@@ -247,56 +247,22 @@ class Web:
         rate = round(min(400.0, max(50.0, 0.25 * (self.account_rps or 400.0))))
         dur = b.opts.storm_duration
         headers = {"Cookie": self.cookie}
-        calm_runs: list[dict[str, Any]] = []
-        storm_runs: list[dict[str, Any]] = []
-        storm_logins: list[dict[str, Any]] = []
-        ratios: list[float | None] = []
         log(f"storm: /account paced at {rate} req/s, {STORM_CLIENTS} clients logging in (default argon2 costs)")
         b.load.paced(site.port, "/account", rate, 2, headers=headers)  # warm-up
-        for r in range(b.opts.rounds):
-            if r and not b.afford("storm", 2 * dur + 6, f"storm round {r + 1}"):
-                break
-            first_calm = r % 2 == 0
-            pair: dict[str, dict[str, Any]] = {}
-            for kind in (("calm", "storm") if first_calm else ("storm", "calm")):
-                wait_quiet(site.pid)  # no hash left over from a storm
-                if kind == "calm":
-                    main0, w0 = thread_cpu_seconds(site.pid, site.pid), time.perf_counter()
-                    pair["calm"] = b.load.paced(site.port, "/account", rate, dur, headers=headers)
-                else:
-                    proc = b.load.start_storm(site.port, self.storm_emails, PASSWORD, STORM_CLIENTS, dur + 2)
-                    time.sleep(1.0)  # every hash thread busy before we measure
-                    main0, w0 = thread_cpu_seconds(site.pid, site.pid), time.perf_counter()
-                    pair["storm"] = b.load.paced(site.port, "/account", rate, dur, headers=headers)
-                    storm_logins.append(b.load.finish_storm(proc, timeout=dur + 60))
-                # The IOLoop (main) thread's share of a core: how much CPU the pages got.
-                pair[kind]["ioloop_cpu_util"] = (thread_cpu_seconds(site.pid, site.pid) - main0) / (
-                    time.perf_counter() - w0)
-            calm_runs.append(pair["calm"])
-            storm_runs.append(pair["storm"])
-            ratios.append(ratio(pair["storm"]["p99_ms"], pair["calm"]["p99_ms"]))
-            s = storm_logins[-1]
-            log(f"storm: round {r + 1}: p99 calm {pair['calm']['p99_ms']:.1f} ms, storm {pair['storm']['p99_ms']:.1f} "
-                f"ms (p50 {pair['calm']['p50_ms']:.1f} / {pair['storm']['p50_ms']:.1f} ms; IOLoop thread "
-                f"{pair['calm']['ioloop_cpu_util']:.0%} / {pair['storm']['ioloop_cpu_util']:.0%} of a core); "
-                f"{s['requests']} logins ({s['rate_steady']:.2f}/s, p50 {s['p50_ms'] or 0:.0f} ms)")
-            for res in (pair["calm"], pair["storm"]):
-                if res["bad_status"] or res["errors"]:
-                    log(f"storm: WARNING {res['bad_status']} unexpected statuses, {res['errors']} errors")
+
+        def note(calm: dict[str, Any], storm: dict[str, Any], s: dict[str, Any]) -> str:
+            return (f"IOLoop thread {calm['ioloop_cpu_util']:.0%} / {storm['ioloop_cpu_util']:.0%} of a core); "
+                    f"{s['requests']} logins ({s['rate_steady']:.2f}/s, p50 {s['p50_ms'] or 0:.0f} ms)")
+
+        rounds, logins = paced_rounds(
+            b, "storm", site, rate, dur, headers, what="login storm", note=note, cpu_until_report=True,
+            start=lambda: b.load.start_storm(site.port, self.storm_emails, PASSWORD, STORM_CLIENTS, dur + 2))
         return {
-            "rate": rate, "duration": dur, "clients": STORM_CLIENTS, "calm": calm_runs, "storm": storm_runs,
-            "logins": storm_logins, "per_round_ratio": ratios,
-            "p99_calm_ms": median(x["p99_ms"] for x in calm_runs),
-            "p50_calm_ms": median(x["p50_ms"] for x in calm_runs),
-            "p50_storm_ms": median(x["p50_ms"] for x in storm_runs),
-            "ioloop_cpu_util_calm": median(x["ioloop_cpu_util"] for x in calm_runs),
-            "ioloop_cpu_util_storm": median(x["ioloop_cpu_util"] for x in storm_runs),
-            "p99_storm_ms": median(x["p99_ms"] for x in storm_runs),
-            "max_storm_ms": median(x["max_ms"] for x in storm_runs),
-            "p99_ratio": median(ratios),
-            "login_rate": median(x["rate_steady"] for x in storm_logins),
-            "login_p50_under_storm_ms": median(x["p50_ms"] for x in storm_logins),
-            "login_failures": sum(x["bad_status"] + x["errors"] for x in storm_logins),
+            "rate": rate, "duration": dur, "clients": STORM_CLIENTS, **rounds, "logins": logins,
+            "max_storm_ms": median(x["max_ms"] for x in rounds["storm"]),
+            "login_rate": median(x["rate_steady"] for x in logins),
+            "login_p50_under_storm_ms": median(x["p50_ms"] for x in logins),
+            "login_failures": sum(x["bad_status"] + x["errors"] for x in logins),
         }
 
     # -- 4. login --------------------------------------------------------------------------------
