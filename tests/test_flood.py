@@ -118,6 +118,36 @@ async def test_a_flood_from_ever_new_addresses_is_bounded_per_minute(http_client
         assert sum(e.count for e in failed) == 300 and failed[-1].count == 279
 
 
+async def test_a_flood_kept_up_all_day_is_bounded_per_day(http_client, rdb, clock, settings) -> None:
+    """A door's budget a minute, kept up all day, was still 864,000 events a day (about 1 KB each with a
+    new user agent, kept for the retention). A door also records at most 30 minutes' budget a day one
+    by one; past that, each minute is one event as it came and one summary with the count."""
+    settings = dataclasses.replace(settings, xheaders=True, door_budget=2)
+    app = make_app(settings, rdb, clock)
+    clock.advance(86_400 - clock() % 86_400 + 1)  # the 40 minutes below within one day
+    async with serving(app, xheaders=True) as base:
+        owner = Browser(http_client, base)
+        await owner.register("taken@example.com")
+        prober = Browser(http_client, base)
+        await prober.get("/login")
+        probe = {"email": "taken@example.com", "password": PASSWORD, "password_confirm": PASSWORD}
+        written, n = [], 0
+        for _ in range(40):
+            before = await rdb.xlen(keys.AUDIT)
+            for _ in range(5):
+                r = await prober.post("/register", probe, headers={"X-Forwarded-For": f"10.{n // 250}.{n % 250}.1"})
+                assert r.code == 400
+                n += 1
+            clock.advance(60)
+            await app.ctx.throttle.flush_due()
+            written.append(await rdb.xlen(keys.AUDIT) - before)
+        # 30 minutes of the budget (2) recorded one by one, with one as it came and a summary of 2 each;
+        # then only one as it came and a summary of 4 a minute.
+        assert written == [4] * 30 + [2] * 10
+        failed = [e for e in await read_events(rdb) if e.type == "register_failed"]
+        assert sum(e.count for e in failed) == 200
+
+
 async def test_failed_logins_from_ever_new_emails_and_addresses_are_bounded_per_minute(http_client, rdb, clock,
                                                                                        settings) -> None:
     """A second review guessed from 200 addresses with a new email each time: no key ever reached a
@@ -172,6 +202,32 @@ async def test_retention_drops_user_agent_dictionaries_with_their_days(browser: 
     assert left == [days[2]]
     events = await read_events(rdb)
     assert {e.user_agent for e in events} == {"Agent of day 2"}
+
+
+async def test_a_trim_that_empties_the_trail_leaves_no_dictionary_and_no_empty_user_index(new_browser, rdb, app,
+                                                                                           clock) -> None:
+    """A review (an operator's question: is every key cleaned up when what it belongs to ends?) found
+    that a trim removing every event kept the dictionary of the last day it trimmed, one more each time
+    the trail ran empty (a site idle for longer than its retention), and every user's index stream,
+    empty, for ever (about 380 B an account)."""
+    audit = AuditLog(rdb)
+    for cycle in range(2):
+        b = new_browser(user_agent=f"Agent of cycle {cycle}")
+        await b.register(f"c{cycle}@example.com")
+        await b.logout()
+        await app.ctx.seals.seal_once()
+        clock.advance(86_400)
+        while await audit.trim_step(int(clock() * 1000)):
+            pass
+        assert await rdb.xlen(keys.AUDIT) == 0
+        assert [k async for k in rdb.scan_iter(keys.AGENTS + "*")] == []
+        assert [k async for k in rdb.scan_iter(keys.AUDIT_USER + "*")] == []
+    # The accounts are still there, and their trails start again with their next event.
+    b = new_browser()
+    assert (await b.login("c0@example.com")).code == 303
+    uid = (await rdb.hget(keys.EMAILS, "c0@example.com")).decode()
+    assert [f[b"t"] for _, f in await rdb.xrange(keys.AUDIT_USER + uid)] == [b"login"]
+    assert [e.user_agent for e in await read_events(rdb)] == [b.user_agent]
 
 
 async def test_the_dictionary_of_earlier_versions_goes_once_no_kept_event_names_it(rdb, app, clock,

@@ -114,14 +114,21 @@ local upto = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
 -- The stream first: for a user who may not trim it (append-only mode) the script stops here,
 -- before it has changed anything, since Redis does not roll a failed script back.
 local removed = redis.call('XTRIM', 'audit:log', 'MINID', upto)
-for uid, _ in pairs(users) do redis.call('XTRIM', 'audit:u:' .. uid, 'MINID', upto) end
+for uid, _ in pairs(users) do
+  -- A user's index stream that trimming empties goes (an empty stream is still ~380 B, for ever);
+  -- the user's next event starts it again.
+  local index = 'audit:u:' .. uid
+  redis.call('XTRIM', index, 'MINID', upto)
+  if not redis.call('XRANGE', index, '-', '+', 'COUNT', 1)[1] then redis.call('DEL', index) end
+end
 for t, _ in pairs(types) do redis.call('XTRIM', 'audit:t:' .. t, 'MINID', upto) end
 for _, s in ipairs(sessions) do redis.call('HDEL', 'sa:sessev', s) end
 redis.call('XTRIM', 'audit:seal', 'MINID', boundary)
--- A day's dictionary goes once no kept event is from that day (or an earlier one).
+-- A day's dictionary goes once no kept event is from that day (or an earlier one): every day's,
+-- when no event is kept (a later event of the same day writes its agent again).
 local kept = redis.call('XRANGE', 'audit:log', '-', '+', 'COUNT', 1)[1]
-local kept_ms = kept and tonumber(string.match(kept[1], '^(%d+)')) or tonumber(ms)
-local kept_day = math.floor(kept_ms / 86400000)
+local kept_ms = kept and tonumber(string.match(kept[1], '^(%d+)'))
+local kept_day = kept and math.floor(kept_ms / 86400000) or math.huge
 for day, _ in pairs(days) do
   if day < kept_day then redis.call('DEL', 'audit:ua:' .. string.format('%.0f', day)) end
 end

@@ -145,15 +145,21 @@ local function refuse_login(now, email, addr, device, by, delay, ev)
   return summarise(key, now, math.max(delay, 1000), ev)
 end
 
--- Record `ev` of a cheap door: one by one up to `budget` a minute (all doors of its kind
--- together), summarised past it (with the reason `over_reason` when given).
+-- Record `ev` of a cheap door: one by one up to `budget` a minute and 30 minutes' budget a day (all
+-- doors of its kind together; a flood kept up all day keeps 30 times the budget, not 1,440 times),
+-- summarised past either (with the reason `over_reason` when given).
 local function record_budgeted(door, now, budget, ev, over_reason)
   local minute = 'sa:f:b:' .. door .. ':' .. string.format('%.0f', math.floor(now / 60000))
   local used = redis.call('INCR', minute)
   if used == 1 then redis.call('PEXPIRE', minute, 120000) end
   if used <= budget then
-    emit(now, ev)
-    return true
+    local day = 'sa:f:b:' .. door .. ':d' .. string.format('%.0f', math.floor(now / 86400000))
+    local today = redis.call('INCR', day)
+    if today == 1 then redis.call('PEXPIRE', day, 172800000) end
+    if today <= 30 * budget then
+      emit(now, ev)
+      return true
+    end
   end
   if over_reason then ev.r = over_reason end
   return summarise('sa:f:b:' .. door, now, 60000, ev)
