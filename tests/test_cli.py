@@ -94,9 +94,9 @@ def test_help_lists_every_option_with_default_and_environment() -> None:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--session-idle=soon"], "session_idle"),
+    (["--session-idle=soon"], "--session-idle: expected a whole number"),
     (["--port=99999"], "port"),
-    (["--log-format=xml"], "log_format"),
+    (["--log-format=xml"], "--log-format must be"),
     (["--no-such-option"], "unrecognized arguments"),
 ])
 def test_bad_options_stop_with_a_clear_message(args: list[str], message: str) -> None:

@@ -16,6 +16,7 @@ import gc
 import gzip
 import http.cookies
 import io
+import logging
 import random
 import string
 import urllib.parse
@@ -347,3 +348,18 @@ async def test_an_export_nobody_reads_is_let_go_after_the_write_timeout(http_cli
         # A reader that does take it gets the whole export.
         response = await admin.get("/admin/audit.ndjson")
         assert response.code == 200 and response.body.count(b'"type":"login_failed"') == 20_000
+
+
+async def test_a_flood_of_bad_requests_writes_a_few_log_lines_not_one_each(http_client, base_url, new_browser, rdb,
+                                                                        caplog) -> None:
+    """Forged forms and odd query values each wrote a warning through Tornado's own logger (a newcomer's
+    walkthrough of the README saw a line per request, though the README promised one per 10 s)."""
+    admin = await admin_browser(new_browser, rdb)
+    caplog.set_level(logging.WARNING)
+    forger = Browser(http_client, base_url)
+    for i in range(50):
+        assert (await forger.post("/login", {"email": f"x{i}@example.com", "password": "p"}, xsrf=False)).code == 403
+        assert (await admin.get(f"/admin/audit?limit=x{i}")).code == 400
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 2 <= len(warnings) <= 4, [r.getMessage() for r in warnings]
+    assert any("_xsrf" in r.getMessage() for r in warnings) and any("limit" in r.getMessage() for r in warnings)

@@ -140,7 +140,7 @@ async def test_binding_ends_the_session_once(proxied_site, http_client, rdb, bin
 def test_a_bad_binding_stops_the_start() -> None:
     result = run("--session-binding=ip", "--port=1")
     assert result.returncode == 2
-    assert "session_binding must be off, browser or address" in result.stderr
+    assert "--session-binding must be off, browser or address" in result.stderr
 
 
 async def test_a_session_that_keeps_moving_is_summarised(proxied_site, http_client, rdb, clock) -> None:

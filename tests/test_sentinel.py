@@ -438,17 +438,17 @@ async def test_tls_to_the_sentinels_and_to_the_servers_they_name(tmp_path: Path,
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--redis-sentinel=127.0.0.1:26379"], "needs redis_sentinel_master"),
+    (["--redis-sentinel=127.0.0.1:26379"], "needs --redis-sentinel-master"),
     (["--redis-sentinel=127.0.0.1:26379", "--redis-sentinel-master=sa", "--redis-url=redis://h/0"], "not both"),
     (["--redis-sentinel=localhost", "--redis-sentinel-master=sa"], "expected host:port"),
     (["--redis-sentinel=h:1,h:70000", "--redis-sentinel-master=sa"], "expected host:port"),
-    (["--redis-password=secret"], "apply to Redis found through redis_sentinel"),
+    (["--redis-password=secret"], "apply to Redis found through --redis-sentinel"),
     (["--redis-sentinel=h:1", "--redis-sentinel-master=sa", "--redis-tls-ca=/no/such/ca.pem"], "cannot read"),
     (["--redis-sentinel=h:1", "--redis-sentinel-master=sa", "--redis-tls-cert=/etc/hostname"], "go together"),
-    (["--redis-wait-replicas=-1"], "redis_wait_replicas"),
+    (["--redis-wait-replicas=-1"], "--redis-wait-replicas"),
     (["--redis-wait-replicas=1"], "the embedded one has none"),
-    (["--redis-wait-replicas=two"], "redis_wait_replicas"),
-    (["--redis-wait-timeout=30"], "redis_wait_timeout"),
+    (["--redis-wait-replicas=two"], "--redis-wait-replicas"),
+    (["--redis-wait-timeout=30"], "--redis-wait-timeout"),
 ])
 def test_bad_redis_options_stop_the_start_with_a_clear_message(args: list[str], message: str, capsys) -> None:
     assert main(args, environ={}) == 2

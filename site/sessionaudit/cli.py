@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("action", nargs="?", choices=("verify", "trim"), help="for audit: verify or trim")
     for f in config.cli_fields():
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default!r}) [{config.env_name(f.name)}]"
+        given = "(default" in f.metadata["help"]  # a default worked out at start, said in the help itself
+        help_text = f"{f.metadata['help']}{'' if given else f' (default: {f.default!r})'} [{config.env_name(f.name)}]"
         if f.metadata.get("flag"):
             parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
         else:
@@ -74,19 +76,25 @@ def resolve_settings(ns: argparse.Namespace, environ: dict[str, str]) -> Setting
     config_file = ns.config or environ.get("CONFIG", "")
     values: dict[str, Any] = {}
     try:
-        if config_file:
+        if config_file:  # its errors name the file, the line and the option as written there
             values.update(config.read_config_file(config_file))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
         for name, f in fields.items():
             env = environ.get(config.env_name(name))
             if env is not None and env != "":
-                values[name] = config.convert(f, env)
+                values[name] = config.convert(f, env, config.env_name(name))
             given = getattr(ns, name, None)
             if given is not None:
-                values[name] = config.convert(f, given)
+                values[name] = config.convert(f, given, "--" + name.replace("_", "-"))
         settings = Settings(**values)
         settings.validate()
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+        # Name options as people give them (--session-idle, its help names SESSION_IDLE), not as fields.
+        message = re.sub(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b",
+                         lambda m: "--" + m[0].replace("_", "-") if m[0] in fields else m[0], str(e))
+        raise UsageError(message) from None
     return settings
 
 

@@ -59,7 +59,8 @@ class Settings:
     secure_cookies: bool = opt(False, "mark cookies Secure (serve over HTTPS)", flag=True)
     session_binding: str = opt("off", "end a session used from another browser (browser) or address (address); "
                                       "off: record the move only")
-    xheaders: bool = opt(False, "trust X-Forwarded-For/X-Real-Ip from a proxy for the client address", flag=True)
+    xheaders: bool = opt(False, "trust a proxy's headers: X-Forwarded-For/X-Real-Ip for the client address, "
+                                "X-Forwarded-Proto, X-Request-Id", flag=True)
     debug: bool = opt(False, "tracebacks on error pages and template reloading; never in production", flag=True)
     password_min_length: int = opt(12, "minimum password length in characters (NIST: 15 for password-only login)")
     argon2_time_cost: int = opt(3, "argon2id passes")
@@ -81,12 +82,12 @@ class Settings:
     log_format: str = opt("text", "log format: text or json")
     config: str = opt("", "file of `name = value` lines read before the environment and command line")
     public_url: str = opt("", "the site's origin as people reach it (https://host[:port]): links in mail, the passkey "
-                              "relying party; never taken from a request's Host header (default http://ADDRESS:PORT)")
+                              "relying party; never taken from a request's Host header (default: http://ADDRESS:PORT)")
     smtp_url: str = opt("", "mail server: smtp://[user:pass@]host:port (?starttls=1 to require STARTTLS) or "
                             "smtps://... (TLS); empty: every message is written to <data-dir>/outbox/ instead",
                         secret=True)
-    mail_from: str = opt("", "From address of the site's mail (default: Session Audit <no-reply@HOST of the "
-                             "public URL>)")
+    mail_from: str = opt("", "From address of the site's mail (default: Session Audit <no-reply@HOST>, HOST "
+                             "that of the public URL, localhost when that is an IP address)")
     # Not options: filled in by load_secrets() or by tests.
     cookie_secret: dict[int, str] = field(default_factory=dict, metadata={"cli": False})
     # Set on its own (SESSION_SECRET, or the file of an earlier version): else derived from COOKIE_SECRET.
@@ -293,9 +294,14 @@ def env_name(name: str) -> str:
     return name.upper()
 
 
-def convert(f: dataclasses.Field, raw: Any) -> Any:
-    """Turn a string (or a config-file value) into the field's type, or raise ValueError."""
+KIND_NAMES = {int: "a whole number", float: "a number", str: "text"}
+
+
+def convert(f: dataclasses.Field, raw: Any, source: str = "") -> Any:
+    """Turn a string (or a config-file value) into the field's type, or raise ValueError naming
+    ``source`` (how the user gave it: ``--session-idle``, ``SESSION_IDLE``; else the field's name)."""
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    label = source or f.name
     if kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -304,13 +310,13 @@ def convert(f: dataclasses.Field, raw: Any) -> Any:
             return True
         if text in ("0", "false", "no", "off", ""):
             return False
-        raise ValueError(f"{f.name}: expected true or false, not {raw!r}")
+        raise ValueError(f"{label}: expected true or false, not {raw!r}")
     if kind is int and isinstance(raw, float):
-        raise ValueError(f"{f.name}: expected a whole number, not {raw!r}")
+        raise ValueError(f"{label}: expected a whole number, not {raw!r}")
     try:
         return kind(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"{f.name}: expected {kind.__name__}, not {raw!r}") from None
+        raise ValueError(f"{label}: expected {KIND_NAMES.get(kind, kind.__name__)}, not {raw!r}") from None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -338,7 +344,7 @@ def read_config_file(path: str) -> dict[str, Any]:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        values[name] = convert(known[name], value)
+        values[name] = convert(known[name], value, f"{path}:{number}: {name}")
     return values
 
 

@@ -530,8 +530,9 @@ class FactorStore:
         """Check ``code`` and, when right, consume the step and log in, in one script.
 
         Returns (outcome, (session id, ref) or None); outcome is 'totp' or 'recovery_code' (how the
-        login was proved), 'bad_code' (wrong, replayed, or a used recovery code), 'expired' (the step
-        is gone or TOTP was turned off meanwhile) or 'gone' (the account was disabled meanwhile).
+        login was proved), 'bad_code' (wrong, or a used recovery code), 'replayed' (the app's code of
+        a time step already used: right, but once only), 'expired' (the step is gone or TOTP was
+        turned off meanwhile) or 'gone' (the account was disabled meanwhile).
         """
         await self.data_key()
         args = self._code_args(pending.uid, code, pending.sealed_secret)
@@ -544,7 +545,9 @@ class FactorStore:
         if result == "ok":
             self.sessions.count(events.LOGIN, 1)
             return kind, (session_id, ref)
-        return {"used": "bad_code", "off": "expired"}.get(result, result), None
+        if result == "used":
+            return ("replayed" if kind == TOTP else "bad_code"), None
+        return {"off": "expired"}.get(result, result), None
 
     # -- views and the admin's reset -------------------------------------------------------
 

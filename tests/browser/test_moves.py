@@ -68,7 +68,7 @@ def test_a_stolen_cookie_shows_on_the_account_and_the_dashboard(site: Site,
 
     # The tile's link: the trail filtered to moves, this one alone.
     admin.goto("/admin")
-    admin.get_by_role("link", name="sessions that moved in the last 24 hours").click()
+    admin.get_by_role("link", name="session that moved in the last 24 hours").click()  # one: singular
     expect(admin).to_have_url(re.compile(r"/admin/audit\?type=session_changed$"))
     rows = admin.locator("tr[id^='ev-']")
     expect(rows).to_have_count(1)

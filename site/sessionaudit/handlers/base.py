@@ -425,6 +425,14 @@ class BaseHandler(tornado.web.RequestHandler):
             log.warning("Redis unavailable during %s %s: %s", self.request.method, self.request.path, value)
         elif isinstance(value, HasherBusy):
             log.warning("password hashing queue full; answered 503")
+        elif isinstance(value, tornado.web.HTTPError) and value.status_code < 500:
+            # Tornado logs every 4xx that has a message as a warning, so a flood of bad requests (forged
+            # forms, odd query values) wrote one line a request. Each request has its access line; the
+            # reason is logged at most once per 10 s per status, with a count of the ones left out.
+            if value.log_message:
+                message = value.log_message % value.args if value.args else value.log_message
+                self.ctx.security.warning(f"http {value.status_code}", "%d %s %s (%s): %s", value.status_code,
+                                          self.request.method, self.request.path, self.client_ip, message)
         else:
             super().log_exception(typ, value, tb)
 

@@ -15,6 +15,7 @@ from .base import BaseHandler, authenticated, form, safe_next
 REAUTH = "To add a second factor, enter your password first."
 LOGIN_STEP_COOKIE = "login_step"  # the pending second step's id and deadline, for this browser only
 BAD_CODE = "That code is not right. Check the time on your phone, or use a recovery code."
+REPLAYED_CODE = "That code can no longer be used: each code works once. Wait for your app to show the next one."
 NOTICES = {
     "totp-off": "Two-step sign-in is off. Your recovery codes no longer work.",
     "passkey-added": "Your passkey was added. You can sign in with it on the login page, without your password.",
@@ -323,12 +324,12 @@ class LoginVerifyHandler(BaseHandler):
         outcome, created = await ctx.factors.finish_login(
             pending, self.get_argument("code", ""), ip=self.client_ip, user_agent=self.user_agent,
             old_ref=self.current.ref if self.current else "", device=device)
-        if outcome == "bad_code":
+        if outcome in ("bad_code", "replayed"):  # a replay is recorded and throttled as a wrong code
             await ctx.throttle.fail(pending.email, self.client_ip, self.user_agent, events.BAD_CODE, pending.uid,
                                     device)
             ctx.metrics.login("failed")
             self.set_status(401)
-            return self.render("login_verify.html", error=BAD_CODE)
+            return self.render("login_verify.html", error=REPLAYED_CODE if outcome == "replayed" else BAD_CODE)
         if created is None:
             return self.expired()
         finish_login(self, created[0], pending.email, pending.next_url)
