@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.cookies
+import socket
 import sys
 import urllib.parse
 from collections.abc import Callable
@@ -179,9 +180,13 @@ def new_browser(http_client: Any, base_url: str) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, **server_options: Any) -> Any:
-    """Serve another app (own settings, client or clock) beside the fixture's; yields its base URL."""
+async def serving(app: Any, send_buffer: int | None = None, **server_options: Any) -> Any:
+    """Serve another app (own settings, client or clock) beside the fixture's; yields its base URL.
+    ``send_buffer``: the kernel's send buffer of every connection, in bytes (a small one shows what
+    the server hands a slow client, which a large one would absorb)."""
     sock, port = bind_unused_port()
+    if send_buffer:  # accepted connections inherit it from the listening socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     server = HTTPServer(app, **server_options)
     server.add_socket(sock)
     try:

@@ -303,3 +303,31 @@ async def test_maintenance_user_drops_the_dictionaries_of_trimmed_days(browser: 
     [left] = await admin.keys(keys.AGENTS + "*")
     assert left.decode() == keys.agents_key(f"{int(clock() * 1000)}-0")
     assert {e.user for e in await read_events(admin)} == {"new@example.com"}
+
+
+async def test_a_maintenance_user_of_the_earlier_acl_file_still_trims_whole(browser: Browser, clock: Any,
+                                                                            maint: aioredis.Redis,
+                                                                            admin: aioredis.Redis, app: Any) -> None:
+    """The ACL file of the previous version let the maintenance user delete no index stream: the trim
+    that now removes an emptied user index must not stop half done on a Redis still running it (the
+    trail trimmed, a refused DEL, the rest left for ever); it keeps the empty index, as before."""
+    line = next(x for x in ACL_FILE.read_text().splitlines() if x.startswith(f"user {MAINT_USER} "))
+    earlier = line.replace("(~audit:ua* ~audit:u:* +del)", "(~audit:ua* +del)")
+    assert earlier != line
+    rules = re.findall(r"\([^)]*\)|\S+", earlier)[2:]  # after "user <name>"
+    rules = ["#" + hashlib.sha256(PASSWORDS["MAINT"].encode()).hexdigest() if r == "#MAINT_PASSWORD_SHA256" else r
+             for r in rules]
+    await admin.execute_command("ACL", "SETUSER", MAINT_USER, "reset", *rules)
+    try:
+        await browser.register("old@example.com")
+        await browser.logout()
+        assert await app.ctx.seals.seal_once() == 3
+        clock.advance(86_400)
+        uid = (await admin.hget(keys.EMAILS, "old@example.com")).decode()
+        assert await AuditLog(maint).trim_step(int(clock() * 1000)) == 3
+        assert await admin.xlen(keys.AUDIT) == 0
+        assert [await admin.xlen(keys.AUDIT_TYPE + t) for t in ("register", "login", "logout")] == [0, 0, 0]
+        assert await admin.hlen(keys.SESSION_EVENTS) == 0 and not await admin.keys(keys.AGENTS + "*")
+        assert await admin.exists(keys.AUDIT_USER + uid) and await admin.xlen(keys.AUDIT_USER + uid) == 0
+    finally:
+        await admin.execute_command("ACL", "LOAD")  # the module's users, from the file of this version

@@ -148,6 +148,28 @@ async def test_a_flood_kept_up_all_day_is_bounded_per_day(http_client, rdb, cloc
         assert sum(e.count for e in failed) == 200
 
 
+async def test_a_days_junk_does_not_summarise_a_real_accounts_events(rdb, clock, settings, new_browser) -> None:
+    """The day's budget is for events that name no account: junk that used it up (reset requests for
+    emails without an account) must not turn a real account's events into summaries for the rest of
+    the day (a review of the daily budget)."""
+    app = make_app(dataclasses.replace(settings, door_budget=2), rdb, clock)
+    clock.advance(86_400 - clock() % 86_400 + 1)  # the minutes below within one day
+    await new_browser().register("real@example.com")
+    n = 0
+    for _ in range(30):  # 30 minutes of the budget: the day's 60 events that name no account
+        for _ in range(2):
+            await app.ctx.resets.request(f"nobody{n}@example.com", ip=f"2001:db8:{n}::1", user_agent="junk")
+            n += 1
+        clock.advance(60)
+    await app.ctx.resets.request(f"nobody{n}@example.com", ip=f"2001:db8:{n}::1", user_agent="junk")
+    await app.ctx.resets.request("real@example.com", ip="2001:db8:ffff::1", user_agent="owner")
+    # Recorded as itself, at once (not counted into the minute's summary, written when it is over).
+    [*_, junk, real] = await read_events(rdb)
+    assert (junk.user, junk.first) == (f"nobody{n}@example.com", None)  # the minute's first, as it came
+    assert (real.type, real.user, real.count, real.first) == ("password_reset_requested", "real@example.com", 1, None)
+    app.ctx.close()
+
+
 async def test_failed_logins_from_ever_new_emails_and_addresses_are_bounded_per_minute(http_client, rdb, clock,
                                                                                        settings) -> None:
     """A second review guessed from 200 addresses with a new email each time: no key ever reached a

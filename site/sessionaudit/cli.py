@@ -91,9 +91,12 @@ def resolve_settings(ns: argparse.Namespace, environ: dict[str, str]) -> Setting
         settings = Settings(**values)
         settings.validate()
     except (ValueError, TypeError) as e:
-        # Name options as people give them (--session-idle, its help names SESSION_IDLE), not as fields.
-        message = re.sub(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b",
-                         lambda m: "--" + m[0].replace("_", "-") if m[0] in fields else m[0], str(e))
+        # Name options as on the command line (--session-idle; its help names SESSION_IDLE), not as
+        # fields; what the user typed (quoted in the message) stays as it was.
+        parts = re.split(r"""('[^']*'|"[^"]*")""", str(e))
+        message = "".join(part if i % 2 else re.sub(
+            r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b", lambda m: "--" + m[0].replace("_", "-") if m[0] in fields else m[0], part)
+            for i, part in enumerate(parts))
         raise UsageError(message) from None
     return settings
 

@@ -161,7 +161,7 @@ class Settings:
         for name in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
             path = getattr(self, name)
             if path and not os.access(path, os.R_OK):
-                raise ValueError(f"{name}: cannot read {path}")
+                raise ValueError(f"{name}: cannot read {path!r}")
         if self.redis_wait_replicas < 0:
             raise ValueError("redis_wait_replicas cannot be negative")
         if self.redis_wait_replicas and not (self.redis_url or self.redis_sentinel):

@@ -145,13 +145,18 @@ local function refuse_login(now, email, addr, device, by, delay, ev)
   return summarise(key, now, math.max(delay, 1000), ev)
 end
 
--- Record `ev` of a cheap door: one by one up to `budget` a minute and 30 minutes' budget a day (all
--- doors of its kind together; a flood kept up all day keeps 30 times the budget, not 1,440 times),
--- summarised past either (with the reason `over_reason` when given).
+-- Record `ev` of a cheap door: one by one up to `budget` a minute (all doors of its kind together)
+-- and, for events that name no account, 30 minutes' budget a day (a flood kept up all day keeps 30
+-- times the budget, not 1,440 times; junk cannot make a real account's events summaries for the
+-- rest of the day); summarised past either (with the reason `over_reason` when given).
 local function record_budgeted(door, now, budget, ev, over_reason)
   local minute = 'sa:f:b:' .. door .. ':' .. string.format('%.0f', math.floor(now / 60000))
   local used = redis.call('INCR', minute)
   if used == 1 then redis.call('PEXPIRE', minute, 120000) end
+  if used <= budget and ev.u and ev.u ~= '' then
+    emit(now, ev)
+    return true
+  end
   if used <= budget then
     local day = 'sa:f:b:' .. door .. ':d' .. string.format('%.0f', math.floor(now / 86400000))
     local today = redis.call('INCR', day)

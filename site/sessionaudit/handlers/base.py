@@ -33,6 +33,7 @@ DEVICE_COOKIE = "device"  # names an account this browser has logged in to (thro
 DEVICE_COOKIE_DAYS = 365
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 FORM_LIMIT = 64 * 1024  # bytes of a form body; more gets 413
+WRITE_PIECE = 64 * 1024  # bytes a streamed response hands the client at a time (write_taken)
 REDIS_DOWN = UNAVAILABLE  # down, failing over, loading, or too few replicas: 503
 NOT_REPLICATED = ("The site could not confirm that your change was stored safely. It may or may not have "
                   "taken effect: reload the page to see, and try again if it did not.")
@@ -241,8 +242,29 @@ class BaseHandler(tornado.web.RequestHandler):
     async def flush_taken(self) -> None:
         """Flush, and wait until the client has taken it. A client that takes nothing for
         ``write_timeout`` seconds (a live follower or a download that stalled) raises TimeoutError, so
-        that it is let go rather than kept in flight for ever."""
+        that it is let go rather than kept in flight for ever. Keep what is flushed at once small
+        (``write_taken``): a slow reader that keeps reading must not time out on a large flush."""
         await asyncio.wait_for(self.flush(), self.ctx.settings.write_timeout)
+
+    async def write_taken(self, data: bytes | str) -> None:
+        """Write ``data`` and wait until the client has taken it, a piece of at most ``WRITE_PIECE``
+        bytes at a time (``flush_taken`` each): a client is let go when it takes nothing for
+        ``write_timeout`` seconds, however large ``data`` is and however slowly it reads."""
+        data = data.encode() if isinstance(data, str) else data
+        for start in range(0, len(data), WRITE_PIECE):
+            self.write(data[start:start + WRITE_PIECE])
+            await self.flush_taken()
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        """Tornado's, but a value that is not UTF-8 is never quoted back (in the 400 page or the log):
+        it may be a password."""
+        if isinstance(value, str):
+            return value
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            # `name` is the handler's own (get_argument's), never the client's
+            raise tornado.web.HTTPError(400, f"Invalid unicode in {name or 'the address'}.") from None
 
     def _count_out(self) -> None:
         """The request is no longer in flight (once, whichever of the two comes first)."""
