@@ -162,6 +162,28 @@ async def test_a_session_that_keeps_moving_is_summarised(proxied_site, http_clie
         assert got[-1].count == 189 and got[-1].session == got[0].session and got[-1].reason == "address"
 
 
+async def test_a_session_that_keeps_moving_all_day_is_bounded_per_day(proxied_site, http_client, rdb, clock) -> None:
+    """Ten moves a minute one by one, kept up all day, would be 14,400 events of one session: a session
+    records 300 moves a day one by one, then each minute one as it came and a summary."""
+    app, server = proxied_site()
+    clock.advance(86_400 - clock() % 86_400 + 1)  # the 31 minutes below within one day
+    async with server as base:
+        b = Proxied(http_client, base)
+        await b.register("flapper@example.com")
+        written, n = [], 0
+        for _ in range(31):
+            before = len(await moves(rdb))
+            for _ in range(12):
+                b.ip = "203.0.113.1" if n % 2 == 0 else "203.0.113.2"
+                n += 1
+                assert (await b.get("/account")).code == 200
+            clock.advance(60)
+            await app.ctx.throttle.flush_due()
+            written.append(len(await moves(rdb)) - before)
+        assert written == [12] * 30 + [2]  # ten, one as it came, a summary of one; then as it came, and 11
+        assert sum(e.count for e in await moves(rdb)) == n
+
+
 async def test_huge_and_odd_user_agents_are_bounded_and_escaped(proxied_site, http_client, rdb) -> None:
     _, server = proxied_site()
     async with server as base:

@@ -116,7 +116,8 @@ if ARGV[6] ~= '' and ARGV[6] ~= s.pair then
     end
     local reason = address and (browser and 'address,browser' or 'address') or 'browser'
     record_budgeted('mv:' .. ref, now, tonumber(ARGV[10]),
-                    {t = 'session_changed', u = uid, e = user[1], s = ref, r = reason, i = ARGV[7], g = ARGV[8]})
+                    {t = 'session_changed', u = uid, e = user[1], s = ref, r = reason, i = ARGV[7], g = ARGV[8]},
+                    nil, true)
     if address and s.moved % 2 == 0 then s.moved = s.moved + 1 end
     if browser and s.moved < 2 then s.moved = s.moved + 2 end
     redis.call('ZADD', 'sa:st:moved', now, ref)

@@ -146,14 +146,15 @@ local function refuse_login(now, email, addr, device, by, delay, ev)
 end
 
 -- Record `ev` of a cheap door: one by one up to `budget` a minute (all doors of its kind together)
--- and, for events that name no account, 30 minutes' budget a day (a flood kept up all day keeps 30
--- times the budget, not 1,440 times; junk cannot make a real account's events summaries for the
--- rest of the day); summarised past either (with the reason `over_reason` when given).
-local function record_budgeted(door, now, budget, ev, over_reason)
+-- and 30 minutes' budget a day (a flood kept up all day keeps 30 times the budget, not 1,440 times);
+-- summarised past either (with the reason `over_reason` when given). The day's budget holds for the
+-- events that name no account, so that junk cannot make a real account's events summaries for the
+-- rest of the day; for every event when the door is `own`, one session's own (its moves).
+local function record_budgeted(door, now, budget, ev, over_reason, own)
   local minute = 'sa:f:b:' .. door .. ':' .. string.format('%.0f', math.floor(now / 60000))
   local used = redis.call('INCR', minute)
   if used == 1 then redis.call('PEXPIRE', minute, 120000) end
-  if used <= budget and ev.u and ev.u ~= '' then
+  if used <= budget and not own and ev.u and ev.u ~= '' then
     emit(now, ev)
     return true
   end
