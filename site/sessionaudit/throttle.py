@@ -154,15 +154,15 @@ local function record_budgeted(door, now, budget, ev, over_reason, own)
   local minute = 'sa:f:b:' .. door .. ':' .. string.format('%.0f', math.floor(now / 60000))
   local used = redis.call('INCR', minute)
   if used == 1 then redis.call('PEXPIRE', minute, 120000) end
-  if used <= budget and not own and ev.u and ev.u ~= '' then
-    emit(now, ev)
-    return true
-  end
   if used <= budget then
-    local day = 'sa:f:b:' .. door .. ':d' .. string.format('%.0f', math.floor(now / 86400000))
-    local today = redis.call('INCR', day)
-    if today == 1 then redis.call('PEXPIRE', day, 172800000) end
-    if today <= 30 * budget then
+    local within_day = true
+    if own or not ev.u or ev.u == '' then
+      local day = 'sa:f:b:' .. door .. ':d' .. string.format('%.0f', math.floor(now / 86400000))
+      local today = redis.call('INCR', day)
+      if today == 1 then redis.call('PEXPIRE', day, 172800000) end
+      within_day = today <= 30 * budget
+    end
+    if within_day then
       emit(now, ev)
       return true
     end
