@@ -47,6 +47,10 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.now += seconds
 
+    def next_day(self) -> None:
+        """To a second after the next UTC midnight: what follows lies within one day (daily budgets)."""
+        self.advance(86_400 - self.now % 86_400 + 1)
+
 
 def test_settings(**overrides: Any) -> Settings:
     """Real but cheap argon2 costs, short limits, fixed secrets."""

@@ -293,6 +293,16 @@ async def test_unknown_page_and_missing_method_answer_after_the_body(browser: Br
     assert r.code == 405
 
 
+async def in_flight_becomes(app, n: int, within: float = 5.0) -> None:
+    """Wait until ``n`` requests are in flight (the server takes a few loop turns to read headers,
+    see a close, or let a stalled reader go)."""
+    for _ in range(int(within / 0.01)):
+        if app.ctx.in_flight == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{app.ctx.in_flight} request(s) in flight, not {n}")
+
+
 async def test_a_body_cut_off_leaves_nothing_in_flight(http_server, base_url, app) -> None:
     """A review cut off 10 form posts mid-body: the in-flight count never came down, so every
     refused attempt was answered slowly from then on and a shutdown waited its whole grace."""
@@ -305,18 +315,11 @@ async def test_a_body_cut_off_leaves_nothing_in_flight(http_server, base_url, ap
         await writer.drain()
         writers.append(writer)
 
-    async def in_flight_becomes(n: int) -> None:
-        for _ in range(500):  # the server takes a few loop turns to read the headers or see a close
-            if app.ctx.in_flight == n:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{app.ctx.in_flight} request(s) in flight, not {n}")
-
-    await in_flight_becomes(10)  # each waits for the rest of its body
+    await in_flight_becomes(app, 10)  # each waits for the rest of its body
     for writer in writers:
         writer.close()
         await writer.wait_closed()
-    await in_flight_becomes(0)
+    await in_flight_becomes(app, 0)
     # ...and the handlers are let go (a re-check found each kept for the life of the process, with
     # its buffered body, and logged as a 500 at shutdown).
     for _ in range(100):
@@ -339,11 +342,7 @@ async def test_an_export_nobody_reads_is_let_go_after_the_write_timeout(http_cli
         admin = await register_admin(Browser(http_client, base), rdb, "root@example.com")
         download = await SSE.open(base, admin, "/admin/audit.ndjson", receive_buffer=4096)
         assert download.status == 200
-        for _ in range(100):
-            if app.ctx.in_flight == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert app.ctx.in_flight == 0, "a download that takes nothing is still in flight"
+        await in_flight_becomes(app, 0, within=10.0)  # a download that takes nothing is let go
         download.close()
         # A reader that does take it gets the whole export.
         response = await admin.get("/admin/audit.ndjson")
